@@ -1,0 +1,3 @@
+from dfq_deploy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Command line: argument parsing only; each subcommand calls one library function.
+
+Errors in user input end with one line on stderr and exit code 2; Ctrl-C exits with 130 and leaves no
+half-written files (every output is written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from dfq_deploy.errors import DfqError
+
+logger = logging.getLogger("dfq_deploy")
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from dfq_deploy.models import BUNDLED_MODEL
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None if required else BUNDLED_MODEL,
+                   help=f"timm name or alias (deit_t, deit_s, deit_b, vit_s, vit_b, swin_t, swin_s, swin_b); "
+                        f"default: the bundled {BUNDLED_MODEL}")
+    g.add_argument("--checkpoint", help="local weights: .safetensors or a torch state dict")
+    g.add_argument("--model-kwargs", help="architecture overrides, e.g. img_size=32,patch_size=4,depth=6")
+    g.add_argument("--random-weights", action="store_true", help="random initialisation (tests, speed benchmarks)")
+
+
+def _spec(args: argparse.Namespace):
+    from dfq_deploy.models import ModelSpec, parse_model_kwargs
+
+    return ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dfq_deploy.config import preset, preset_for_bits
+    from dfq_deploy.pipeline import ExportOptions, export_model
+
+    cfg = preset(args.preset) if args.preset else preset_for_bits(args.bits)
+    if args.block_size:
+        cfg = cfg.with_(block_size=args.block_size)
+    spec = _spec(args)
+    out = args.output or f"out/{spec.name}-{cfg.name}"
+    report = export_model(ExportOptions(
+        model=spec, bits=args.bits, output=out, calib=args.calib, calib_dir=args.calib_dir,
+        num_samples=args.num_samples, seed=args.seed, config=cfg, parity_threshold=args.parity_threshold,
+        eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
+    ))
+    par = report["parity"]["held_back"]
+    line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}); ONNX Runtime vs "
+            f"PyTorch top-1 agreement {100 * par['top1_agreement']:.1f}% on held-back inputs")
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        line += f"; accuracy of the exported model: top-1 {100 * acc['top1']:.2f}% on {acc['n']} images"
+    print(line)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dfq_deploy.bench.accuracy import evaluate_onnx, evaluate_torch
+
+    if args.onnx:
+        result = evaluate_onnx(args.onnx, args.data, args.limit, args.batch_size, progress=not args.quiet)
+    else:
+        from dfq_deploy.models import create_model, data_config
+
+        model = create_model(_spec(args))
+        result = evaluate_torch(model, args.data, data_config(model), args.limit, args.batch_size,
+                                progress=not args.quiet)
+        result["artifact"] = f"pytorch:{args.model} (full precision)"
+    print(json.dumps(result))
+    print(f"{result['artifact']}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+          f"on {result['n']} images of {result['data']}", file=sys.stderr)
+    return 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from dfq_deploy.export.lint import lint_onnx
+
+    violations = lint_onnx(args.onnx)
+    for v in violations:
+        print(v)
+    if violations:
+        print(f"{args.onnx}: {len(violations)} TensorRT rule violation(s)", file=sys.stderr)
+        return 1
+    print(f"{args.onnx}: passes TensorRT's explicit-quantization rules", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfq-deploy", description="Data-free quantization of ViTs for TensorRT / ONNX.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
+    _model_args(e)
+    e.add_argument("--bits", type=int, default=8, help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float); default 8")
+    e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
+    e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
+    e.add_argument("--calib", default="noise", help="calibration source: noise, real, or a synthesizer name")
+    e.add_argument("--calib-dir", help="ImageFolder for --calib real")
+    e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", help="output folder (default out/<model>-<preset>)")
+    e.add_argument("--eval-data", help="ImageFolder to measure the exported model's accuracy on")
+    e.add_argument("--eval-limit", type=int, help="evaluate a seeded subset of this many images")
+    e.add_argument("--parity-threshold", type=float, default=0.99, help="min ORT-vs-PyTorch top-1 agreement")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="top-1/top-5 of an exported ONNX (--onnx) or a float PyTorch model (--model)")
+    v.add_argument("--onnx", help="an ONNX file written by dfq-deploy export")
+    _model_args(v)
+    v.add_argument("--data", required=True, help="ImageFolder directory (class folders sorted give labels)")
+    v.add_argument("--limit", type=int, help="evaluate a seeded subset of this many images")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.set_defaults(func=cmd_eval)
+
+    lint = sub.add_parser("lint", help="check an ONNX graph against TensorRT's explicit-quantization rules")
+    lint.add_argument("onnx")
+    lint.set_defaults(func=cmd_lint)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("onnxscript", "torch", "onnx_ir", "timm"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except DfqError as exc:
+        print(f"dfq-deploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfq-deploy: interrupted (no partial outputs were written)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,161 @@
+"""Quantization settings: a validated dataclass that round-trips to JSON, and named presets.
+
+A preset name spells what it does: ``W4A16`` is 4-bit weights and unquantized (16-bit) activations.
+Deployable presets follow TensorRT's explicit-quantization rules (symmetric, per-channel or blocked weights,
+per-tensor INT8 activations); the others exist for research comparisons and are only simulated in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+from dfq_deploy.errors import DfqError
+
+CONFIG_VERSION = 1
+RangeMethod = Literal["minmax", "percentile", "mse"]
+_RANGES = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized.
+
+    Attributes:
+        name: preset name (informational).
+        w_bits: weight bits (2..8), or None for no weight quantization (FP reference).
+        w_granularity: ``per_channel`` (one scale per output channel) or ``blockwise`` (one scale per
+            ``block_size`` input elements of each output channel, stored in an INT4 container).
+        block_size: input elements per weight block (blockwise only).
+        w_range: how weight ranges are chosen per channel/block: ``minmax``, ``percentile`` or ``mse``.
+        a_bits: activation bits, or None for unquantized activations (weight-only presets).
+        a_scope: ``matmul`` quantizes every matmul input (Linear inputs and the attention matmuls'
+            Q, K, softmax output and V); ``linear`` only the inputs of Linear layers.
+        a_range: how per-tensor activation ranges are chosen.
+        a_percentile: percentile of |x| used when ``a_range`` is ``percentile``.
+        attn_log2: quantize the softmax output with a log2 quantizer (simulation only).
+        version: config schema version.
+    """
+
+    name: str = "custom"
+    w_bits: int | None = 8
+    w_granularity: Literal["per_channel", "blockwise"] = "per_channel"
+    block_size: int = 128
+    w_range: RangeMethod = "mse"
+    a_bits: int | None = 8
+    a_scope: Literal["matmul", "linear"] = "matmul"
+    a_range: RangeMethod = "percentile"
+    a_percentile: float = 99.99
+    attn_log2: bool = False
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.w_bits is not None and not 2 <= self.w_bits <= 8:
+            raise DfqError(f"w_bits={self.w_bits} is out of range: use 2..8 or None")
+        if self.a_bits is not None and not 2 <= self.a_bits <= 8:
+            raise DfqError(f"a_bits={self.a_bits} is out of range: use 2..8 or None")
+        if self.w_granularity not in ("per_channel", "blockwise"):
+            raise DfqError(f"w_granularity '{self.w_granularity}' is unknown: use per_channel or blockwise")
+        if self.w_granularity == "blockwise" and (self.w_bits or 8) > 4:
+            raise DfqError("blockwise weights are stored as INT4: use w_bits <= 4 or per_channel")
+        if self.block_size < 2 or self.block_size % 2:
+            raise DfqError(f"block_size={self.block_size} must be an even number >= 2")
+        for attr in ("w_range", "a_range"):
+            if getattr(self, attr) not in _RANGES:
+                raise DfqError(f"{attr} '{getattr(self, attr)}' is unknown: use one of {', '.join(_RANGES)}")
+        if self.a_scope not in ("matmul", "linear"):
+            raise DfqError(f"a_scope '{self.a_scope}' is unknown: use matmul or linear")
+        if not 50.0 < self.a_percentile <= 100.0:
+            raise DfqError(f"a_percentile={self.a_percentile} must be in (50, 100]")
+        if self.version != CONFIG_VERSION:
+            raise DfqError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+
+    @property
+    def deployable(self) -> bool:
+        """True when TensorRT (and ONNX Runtime) can run this preset as real integer kernels."""
+        if self.attn_log2:
+            return False
+        if self.a_bits is None:  # weight-only: INT8 per-channel or 2..4 bits in an INT4 container
+            return self.w_bits is None or self.w_bits == 8 or self.w_bits <= 4
+        return self.a_bits == 8 and self.w_bits == 8
+
+    @property
+    def w_storage_bits(self) -> int | None:
+        """Bits of the ONNX container of the weights (8 or 4)."""
+        if self.w_bits is None:
+            return None
+        return 8 if self.w_bits > 4 else 4
+
+    def with_(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DfqError(f"unknown quantization config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _wonly(name: str, bits: int) -> QuantConfig:
+    return QuantConfig(name=name, w_bits=bits, w_granularity="blockwise", a_bits=None)
+
+
+def _sim(name: str, w: int, a: int) -> QuantConfig:
+    gran = "per_channel"
+    return QuantConfig(name=name, w_bits=w, w_granularity=gran, a_bits=a, a_scope="matmul", a_range="mse")
+
+
+#: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16. Simulated: W3A3, W4A3, W4A4, W5A5, W6A6.
+PRESETS: dict[str, QuantConfig] = {
+    "FP32": QuantConfig(name="FP32", w_bits=None, a_bits=None),
+    "W8A8": QuantConfig(name="W8A8", w_bits=8, a_bits=8, a_scope="matmul"),
+    "W4A16": _wonly("W4A16", 4),
+    "W3A16": _wonly("W3A16", 3),
+    "W2A16": _wonly("W2A16", 2),
+    "W3A3": _sim("W3A3", 3, 3),
+    "W4A3": _sim("W4A3", 4, 3),
+    "W4A4": _sim("W4A4", 4, 4),
+    "W5A5": _sim("W5A5", 5, 5),
+    "W6A6": _sim("W6A6", 6, 6),
+}
+
+W8A8, W4A16, W3A16, W2A16 = PRESETS["W8A8"], PRESETS["W4A16"], PRESETS["W3A16"], PRESETS["W2A16"]
+
+#: ``export --bits`` -> preset. 16 and 32 are float reference exports.
+EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16: "FP32"}
+
+
+def preset(name: str) -> QuantConfig:
+    """Look up a preset by name (case-insensitive)."""
+    key = name.upper()
+    if key not in PRESETS:
+        raise DfqError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def preset_for_bits(bits: int) -> QuantConfig:
+    """The deployable preset for ``export --bits``.
+
+    Raises:
+        DfqError: bit widths without a deployable kernel (for example 5); those belong to the benchmark.
+    """
+    if bits not in EXPORT_BITS:
+        raise DfqError(
+            f"--bits {bits} has no deployable TensorRT kernel: use 8 (W8A8), 4 (W4A16), 3 (W3A16), "
+            "16 or 32; simulated bit widths are in bench/accuracy.py"
+        )
+    return PRESETS[EXPORT_BITS[bits]]

@@ -1,0 +1,170 @@
+"""TensorRT explicit-quantization rules, checked on an ONNX graph.
+
+Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised in the project's design notes):
+
+* ``zero-point``: every Q/DQ zero point is a constant of all zeros (symmetric quantization only);
+* ``signed``: quantized types are signed (INT8 / INT4), never UINT8 / UINT4;
+* ``scale``: scales are constants, finite and strictly positive; scalar for per-tensor, 1-D for per-axis,
+  same rank as the input for blocked;
+* ``per-channel-on-activation``: per-axis or blocked (de)quantization only on constant (weight) inputs;
+* ``int4``: INT4 only as weight-only: an INT4 constant feeding ``DequantizeLinear``, one blocked axis
+  (last or second-to-last), even last dimension; no ``QuantizeLinear`` to INT4;
+* ``opset``: INT4 or blocked quantization needs opset >= 21;
+* ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops).
+
+Run it as ``dfq-deploy lint model.onnx``; every export runs it and fails on a violation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from dfq_deploy.errors import DfqError
+
+logger = logging.getLogger(__name__)
+
+_SIGNED = {TensorProto.INT8, TensorProto.INT4}
+_UNSIGNED = {TensorProto.UINT8, TensorProto.UINT4, TensorProto.UINT16, TensorProto.INT16}
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule at one node."""
+
+    rule: str
+    node: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.node}: {self.message}"
+
+
+def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise DfqError(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise DfqError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it") from exc
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    consts = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t is not None:
+                    consts[node.output[0]] = a.t
+    return consts
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
+    """All violations of TensorRT's explicit-quantization rules in ``model`` (empty list: it passes)."""
+    proto = _load(model)
+    graph = proto.graph
+    consts = _constants(graph)
+    opset = max((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), default=0)
+    out: list[Violation] = []
+    uses_int4_or_blocks = False
+
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}#{i}"
+        if node.domain not in _STANDARD_DOMAINS:
+            out.append(Violation("domain", name, f"op {node.domain}::{node.op_type} is not a standard ONNX op"))
+            continue
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        is_q = node.op_type == "QuantizeLinear"
+        data = node.input[0]
+        data_const = data in consts
+        # scale
+        scale_name = node.input[1] if len(node.input) > 1 else ""
+        if scale_name not in consts:
+            out.append(Violation("scale", name, "scale is not a constant"))
+            scale = None
+        else:
+            scale = numpy_helper.to_array(consts[scale_name]).astype(np.float64)
+            if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+                out.append(Violation("scale", name, f"scale must be finite and > 0 (got {scale.ravel()[:4].tolist()})"))
+        block = _attr(node, "block_size", 0)
+        per_axis = scale is not None and (scale.size > 1 or bool(block))
+        if block:
+            uses_int4_or_blocks = True
+        if per_axis and not data_const:
+            kind = "blocked" if block else "per-channel"
+            out.append(Violation("per-channel-on-activation", name,
+                                 f"{kind} {node.op_type} on non-constant input '{data}': activations must be "
+                                 "per-tensor"))
+        if scale is not None and not block and scale.ndim > 1:
+            out.append(Violation("scale", name, f"per-axis scale must be 1-D, got shape {list(scale.shape)}"))
+        # zero point and quantized type
+        zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        qtype = None
+        if zp_name:
+            if zp_name not in consts:
+                out.append(Violation("zero-point", name, "zero point is not a constant"))
+            else:
+                zp = consts[zp_name]
+                qtype = zp.data_type
+                if np.any(numpy_helper.to_array(zp) != 0):
+                    out.append(Violation("zero-point", name, "zero point is not all zeros (TensorRT is symmetric)"))
+        elif is_q:
+            qtype = _attr(node, "output_dtype", 0) or TensorProto.UINT8  # ONNX default output is uint8
+        if not is_q and data_const:
+            qtype = consts[data].data_type
+        if qtype in _UNSIGNED:
+            out.append(Violation("signed", name, f"{TensorProto.DataType.Name(qtype)} is not supported: use INT8/INT4"))
+        # INT4 rules
+        if qtype == TensorProto.INT4:
+            uses_int4_or_blocks = True
+            if is_q:
+                out.append(Violation("int4", name, "QuantizeLinear to INT4: INT4 is weight-only in TensorRT"))
+            elif not data_const:
+                out.append(Violation("int4", name, f"INT4 DequantizeLinear on non-constant input '{data}'"))
+            else:
+                dims = list(consts[data].dims)
+                if dims and dims[-1] % 2:
+                    out.append(Violation("int4", name, f"INT4 weight with odd last dimension {dims[-1]}"))
+                if block:
+                    axis = _attr(node, "axis", 1) % max(len(dims), 1)
+                    if axis < len(dims) - 2:
+                        out.append(Violation("int4", name, f"blocked axis {axis} is not one of the last two dims"))
+        if block and scale is not None and data_const:
+            rank = len(consts[data].dims)
+            if scale.ndim != rank:
+                out.append(Violation("scale", name, f"blocked scale rank {scale.ndim} != input rank {rank}"))
+    for t in graph.initializer:
+        if t.data_type == TensorProto.INT4:
+            uses_int4_or_blocks = True
+            consumers = [n for n in graph.node if t.name in n.input]
+            if any(n.op_type != "DequantizeLinear" for n in consumers):
+                out.append(Violation("int4", t.name, "INT4 initializer used by a node other than DequantizeLinear"))
+    if uses_int4_or_blocks and opset < 21:
+        out.append(Violation("opset", "model", f"INT4 / blocked quantization needs opset >= 21, model has {opset}"))
+    return out
+
+
+def check_onnx(model: onnx.ModelProto | str | Path) -> None:
+    """Raise a :class:`DfqError` listing the violations when ``model`` breaks a TensorRT rule."""
+    violations = lint_onnx(model)
+    if violations:
+        shown = "; ".join(str(v) for v in violations[:5])
+        more = f" (+{len(violations) - 5} more)" if len(violations) > 5 else ""
+        raise DfqError(f"graph breaks {len(violations)} TensorRT rule(s): {shown}{more}")

@@ -1,0 +1,232 @@
+"""PyTorch fake-quant model -> TensorRT-style QDQ ONNX (opset 21).
+
+Stages, top to bottom:
+  1. export the model in float (quantizers off, fused attention off) with the dynamo exporter, batch dynamic;
+  2. clean the float graph with onnx-graphsurgeon (fold constants, cleanup, toposort);
+  3. find each quantized Linear's MatMul by the value of its weight initializer (dynamo stores ``W^T``
+     ``[K, N]`` for MatMul), and the attention matmuls (MatMuls with two activation inputs) in forward order;
+  4. replace each weight by INT8 / INT4 integers behind a ``DequantizeLinear`` (per output channel on axis 1,
+     or blocked along K with ``block_size``), and put ``QuantizeLinear -> DequantizeLinear`` (INT8, zero
+     point 0, per-tensor) on the activation inputs that the PyTorch model quantizes;
+  5. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from dfq_deploy.calib.qmodel import QuantLinear, attention_modules, quant_disabled, quant_linears
+from dfq_deploy.calib.quantizers import ActQuantizer
+from dfq_deploy.errors import DfqError
+from dfq_deploy.utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+OPSET = 21
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def export_float_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
+    """Export ``model`` with every quantizer off: the float graph the Q/DQ nodes are added to.
+
+    Args:
+        model: a timm model (fused attention must be off; :func:`dfq_deploy.models.create_model` does that).
+        input_size: ``(C, H, W)``.
+    """
+    import onnx_graphsurgeon as gs
+
+    example = torch.randn(2, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with quant_disabled(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        was_training = model.training
+        model.eval()
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+        model.train(was_training)
+    proto = program.model_proto
+    graph = gs.import_onnx(proto)
+    graph.fold_constants().cleanup().toposort()
+    proto = gs.export_onnx(graph)
+    proto.ir_version = min(proto.ir_version, 10)
+    for vi in list(proto.graph.input) + list(proto.graph.output):  # drop exporter bookkeeping
+        del vi.metadata_props[:]
+    return proto
+
+
+def _key(arr: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest() + str(arr.shape)
+
+
+class _QDQBuilder:
+    """Adds Q/DQ nodes and initializers to a graph with unique names."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.new_nodes: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # before-node name -> nodes
+        self.counter = 0
+
+    def name(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}_{self.counter}"
+
+    def add_init(self, tensor: TensorProto) -> str:
+        self.graph.initializer.append(tensor)
+        return tensor.name
+
+    def act_qdq(self, node: onnx.NodeProto, index: int, scale: float, tag: str) -> None:
+        """Insert ``Q -> DQ`` (INT8, zero point 0) on input ``index`` of ``node``."""
+        src = node.input[index]
+        s = self.add_init(numpy_helper.from_array(np.array(scale, dtype=np.float32), self.name(f"{tag}_scale")))
+        zp = self.add_init(helper.make_tensor(self.name(f"{tag}_zp"), TensorProto.INT8, [], [0]))
+        q_out, dq_out = self.name(f"{tag}_q"), self.name(f"{tag}_dq")
+        self.new_nodes[node.name].append(helper.make_node("QuantizeLinear", [src, s, zp], [q_out], name=q_out))
+        self.new_nodes[node.name].append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out], name=dq_out))
+        node.input[index] = dq_out
+
+    def weight_dq(self, node: onnx.NodeProto, index: int, lin: QuantLinear, transposed: bool, tag: str) -> None:
+        """Replace the float weight on input ``index`` by integers behind a ``DequantizeLinear``."""
+        wq = lin.weight_quantizer
+        assert wq is not None
+        w = lin.weight.detach().float()
+        ints = wq.integers(w).to(torch.int64).numpy()  # [out, in]
+        scale = wq.scale.detach().float().numpy()  # [out] or [out, nblocks]
+        storage = 8 if wq.bits > 4 else 4
+        dtype = TensorProto.INT8 if storage == 8 else TensorProto.INT4
+        attrs: dict[str, int] = {}
+        if transposed:  # MatMul layout [K, N]: channels on axis 1, blocks along axis 0
+            ints = ints.T
+            if wq.block_size is None:
+                attrs["axis"] = 1
+            else:
+                scale = scale.T  # [nblocks, out]
+                attrs.update(axis=0, block_size=wq.block_size)
+        else:  # Gemm(transB=1) layout [N, K]
+            attrs["axis"] = 0
+            if wq.block_size is not None:
+                attrs.update(axis=1, block_size=wq.block_size)
+        qname = self.add_init(helper.make_tensor(self.name(f"{tag}_w_int{storage}"), dtype, ints.shape,
+                                                 ints.flatten().tolist()))
+        sname = self.add_init(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32),
+                                                      self.name(f"{tag}_w_scale")))
+        out = self.name(f"{tag}_w_dq")
+        self.new_nodes[node.name].append(helper.make_node("DequantizeLinear", [qname, sname], [out], name=out,
+                                                          **attrs))
+        node.input[index] = out
+
+    def finish(self) -> None:
+        nodes = list(self.graph.node)
+        del self.graph.node[:]
+        for n in nodes:
+            self.graph.node.extend(self.new_nodes.get(n.name, []))
+            self.graph.node.append(n)
+        used = {i for n in self.graph.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+
+def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
+    """Add the Q/DQ nodes that reproduce ``model``'s fake quantizers to its float graph ``proto`` (in place).
+
+    Raises:
+        DfqError: a quantized layer or attention matmul could not be found in the graph.
+    """
+    graph = proto.graph
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"node_{i}"
+    b = _QDQBuilder(proto)
+    act_mm = [n for n in graph.node if n.op_type == "MatMul" and not any(i in b.inits for i in n.input)]
+    # 1. weights: match by value (MatMul holds W^T, Gemm with transB=1 holds W).
+    by_key: dict[str, list[tuple[onnx.NodeProto, int, bool]]] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for idx in (1, 0):
+            if idx < len(node.input) and node.input[idx] in b.inits:
+                arr = numpy_helper.to_array(b.inits[node.input[idx]])
+                if arr.ndim == 2:
+                    transposed = node.op_type == "MatMul" or not any(
+                        a.name == "transB" and a.i == 1 for a in node.attribute)
+                    by_key[_key(arr)].append((node, idx, transposed))
+                break
+    for lname, lin in quant_linears(model):
+        w = lin.weight.detach().float().numpy()
+        hits = by_key.get(_key(w.T)) or by_key.get(_key(w))
+        if not hits:
+            raise DfqError(f"export: could not find the MatMul of {lname} in the ONNX graph")
+        node, idx, transposed = hits.pop(0)
+        tag = lname.replace(".", "_")
+        if lin.weight_quantizer is not None and lin.weight_quantizer.enabled:
+            b.weight_dq(node, idx, lin, transposed, tag)
+        iq = lin.input_quantizer
+        if iq is not None and iq.enabled:
+            b.act_qdq(node, 1 - idx if node.op_type == "MatMul" else 0, _scalar(iq, lname), f"{tag}_in")
+    # 2. attention matmuls: MatMuls whose inputs are both activations, two per attention module, in order.
+    attns = [a for a in attention_modules(model) if hasattr(a, "q_quant")]
+    if attns:
+        if len(act_mm) != 2 * len(attns):
+            raise DfqError(f"export: found {len(act_mm)} attention matmuls, expected {2 * len(attns)}")
+        for a_i, attn in enumerate(attns):
+            qk, pv = act_mm[2 * a_i], act_mm[2 * a_i + 1]
+            for node, idx, q, t in ((qk, 0, attn.q_quant, "q"), (qk, 1, attn.k_quant, "k"),
+                                    (pv, 0, attn.p_quant, "p"), (pv, 1, attn.v_quant, "v")):
+                if q.enabled:
+                    b.act_qdq(node, idx, _scalar(q, f"attn{a_i}.{t}"), f"attn{a_i}_{t}")
+    b.finish()
+    return proto
+
+
+def _scalar(q: ActQuantizer, name: str) -> float:
+    if q.log2:
+        raise DfqError(f"{name}: the log2 attention quantizer has no ONNX/TensorRT kernel (simulation only)")
+    if q.bits != 8:
+        raise DfqError(f"{name}: {q.bits}-bit activations are not deployable; TensorRT runs INT8 activations")
+    if not q.calibrated:
+        raise DfqError(f"{name}: activation quantizer is not calibrated")
+    return float(q.scale)
+
+
+def to_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
+    """The deployable QDQ ONNX of a (fake-)quantized model, checked by ``onnx.checker`` and the linter."""
+    from dfq_deploy.export.lint import check_onnx
+
+    proto = export_float_onnx(model, input_size)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        insert_qdq(proto, model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise DfqError(f"exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from exc
+    check_onnx(proto)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``proto`` atomically (temp file, then rename)."""
+    path = Path(path)
+    atomic_write_bytes(path, proto.SerializeToString())
+    logger.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
+    return path

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight timm models and small ImageFolders made in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfq_deploy.models import ModelSpec, create_model
+
+TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}
+
+
+@pytest.fixture
+def tiny_spec() -> ModelSpec:
+    """DeiT-Tiny widths, 32x32 input, patch 4, depth 2, random weights."""
+    return ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True)
+
+
+@pytest.fixture
+def tiny_model(tiny_spec: ModelSpec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(tiny_spec)
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """Write ``classes x per_class`` random RGB PNGs as ``root/<class>/<i>.png``."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

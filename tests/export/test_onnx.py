@@ -1,0 +1,115 @@
+"""Export of tiny random-weight models: graph shape, TensorRT rules, and ONNX Runtime parity."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from dfq_deploy.calib.qmodel import batches_loop, quantize
+from dfq_deploy.config import PRESETS
+from dfq_deploy.export.lint import lint_onnx
+from dfq_deploy.export.onnx import to_onnx
+from dfq_deploy.export.parity import compare_logits, reference_session, run_session, run_torch
+
+
+def _export(model, name):
+    torch.manual_seed(1)
+    x = torch.randn(48, 3, 32, 32)
+    quantize(model, PRESETS[name], batches_loop(x[:24]))
+    return to_onnx(model, (3, 32, 32)), x
+
+
+def _ops(proto):
+    return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+def test_float_export_is_clean(tiny_model):
+    proto = to_onnx(tiny_model, (3, 32, 32))
+    ops = _ops(proto)
+    assert proto.opset_import[0].version == 21
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0
+    assert ops["MatMul"] == 2 * 6 and ops["Softmax"] == 2 and ops["LayerNormalization"] == 5
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    x = torch.randn(4, 3, 32, 32)
+    got = run_session(reference_session(proto), x)
+    assert np.allclose(got, run_torch(tiny_model, x), atol=1e-4)
+
+
+def test_w8a8_graph_and_parity(tiny_model):
+    proto, x = _export(tiny_model, "W8A8")
+    ops = _ops(proto)
+    # 8 Linear inputs + 4 attention matmul inputs per... 2 blocks x (4 linear + 4 attention) activation Q/DQ
+    assert ops["QuantizeLinear"] == 16
+    assert ops["DequantizeLinear"] == 16 + 8  # + one per quantized weight
+    assert lint_onnx(proto) == []
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = inits[node.input[0]]
+            assert w.data_type == TensorProto.INT8
+            axis = {a.name: a.i for a in node.attribute}["axis"]
+            assert axis == 1  # MatMul stores W^T [K, N]: output channels on axis 1
+            assert numpy_helper.to_array(inits[node.input[1]]).shape == (w.dims[1],)
+        if node.op_type == "QuantizeLinear":
+            assert numpy_helper.to_array(inits[node.input[1]]).shape == ()
+            assert numpy_helper.to_array(inits[node.input[2]]).tolist() == 0
+    par = compare_logits(run_torch(tiny_model, x), run_session(reference_session(proto), x))
+    # random-weight logits are nearly tied, and float rounding flips single activation steps now and then
+    assert par["top1_agreement"] >= 0.9
+    assert par["mean_abs_diff"] < 0.01 * par["logit_scale"]
+
+
+@pytest.mark.parametrize("name, block", [("W4A16", 96), ("W3A16", 96), ("W2A16", 96)])
+def test_int4_weight_only(tiny_model, name, block):
+    proto, x = _export(tiny_model, name)
+    ops = _ops(proto)
+    assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 8
+    assert lint_onnx(proto) == []
+    inits = {t.name: t for t in proto.graph.initializer}
+    bits = int(name[1])
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear":
+            attrs = {a.name: a.i for a in node.attribute}
+            w = inits[node.input[0]]
+            assert w.data_type == TensorProto.INT4
+            assert attrs["axis"] == 0 and attrs["block_size"] in (block, 128)
+            ints = numpy_helper.to_array(w).astype(np.int64)
+            assert ints.min() >= -(2 ** (bits - 1)) and ints.max() <= 2 ** (bits - 1) - 1
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            assert scale.shape == (w.dims[0] // attrs["block_size"], w.dims[1]) and (scale > 0).all()
+    # weight-only: ORT reproduces the fake-quant model to float precision
+    par = compare_logits(run_torch(tiny_model, x), run_session(reference_session(proto), x))
+    assert par["top1_agreement"] == 1.0 and par["max_abs_diff"] < 1e-4
+
+
+def test_int4_file_is_small(tiny_model, tmp_path):
+    import copy
+
+    fp = to_onnx(copy.deepcopy(tiny_model), (3, 32, 32))
+    q, _ = _export(tiny_model, "W4A16")
+    lin = sum(p.numel() for n, p in tiny_model.named_parameters() if "blocks" in n and n.endswith("weight")
+              and p.ndim == 2)
+    saved = len(fp.SerializeToString()) - len(q.SerializeToString())
+    assert saved > 0.8 * lin * 3.5  # about 3.5 bytes saved per 4-bit block weight
+
+
+def test_dynamic_batch(tiny_model):
+    proto, _ = _export(tiny_model, "W8A8")
+    sess = reference_session(proto)
+    for b in (1, 3, 7):
+        assert run_session(sess, torch.randn(b, 3, 32, 32)).shape == (b, 10)
+
+
+def test_export_roundtrips_through_file(tiny_model, tmp_path):
+    from dfq_deploy.export.onnx import save_onnx
+
+    proto, _ = _export(tiny_model, "W4A16")
+    path = save_onnx(proto, tmp_path / "m.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    assert lint_onnx(path) == []
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,139 @@
+"""``dfq-deploy`` end to end on a tiny random-weight model, and its one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dfq_deploy.cli import main
+from dfq_deploy.models import ModelSpec, create_model
+from tests.conftest import TINY_KWARGS, make_image_folder
+
+TINY = ["--model", "deit_t", "--model-kwargs", ",".join(f"{k}={v}" for k, v in TINY_KWARGS.items())]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("bits, calib", [("8", "real"), ("4", "noise")])
+def test_export_and_eval(tmp_path, capsys, bits, calib):
+    data = make_image_folder(tmp_path / "data", classes=10, per_class=2)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", bits, "--calib", calib,
+                             "--calib-dir", str(data), "--num-samples", "8", "--output", str(out),
+                             "--eval-data", str(data), "--parity-threshold", "0.8")
+    assert code == 0, err
+    assert "wrote" in stdout and "accuracy of the exported model" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["quant_config"]["name"] == {"8": "W8A8", "4": "W4A16"}[bits]
+    assert report["precision"] == {"8": "int8", "4": "int4"}[bits]
+    assert report["calibration"]["source"] == calib and report["calibration"]["num_samples"] == 8
+    assert report["parity"]["passed"] and report["parity"]["held_back"]["n"] == 8
+    assert report["lint"] == []
+    assert report["accuracy"]["n"] == 20 and 0.0 <= report["accuracy"]["top1"] <= 1.0
+    assert report["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert set(report["timings"]) >= {"quantize_s", "export_s", "parity_s", "eval_s"}
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+
+    code, stdout, err = _run(capsys, "eval", "--onnx", str(out / "model.onnx"), "--data", str(data), "--limit", "5")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["n"] == 5 and result["top1"] <= result["top5"]
+    assert "top-1" in err
+
+
+def test_eval_torch_matches_manual_count(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=3)
+    ckpt = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True))
+    torch.save(model.state_dict(), ckpt)
+    code, stdout, _ = _run(capsys, "eval", *TINY, "--checkpoint", str(ckpt), "--data", str(data))
+    assert code == 0
+    from dfq_deploy.data import load_images
+    from dfq_deploy.models import data_config
+
+    x, y = load_images(data, data_config(model))
+    with torch.no_grad():
+        expected = (model(x).argmax(-1) == y).float().mean().item()
+    assert json.loads(stdout)["top1"] == pytest.approx(expected)
+
+
+def _bad_inputs(tmp_path):
+    ok_data = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "readme.txt").write_text("hi")
+    (tmp_path / "fake" / "cls").mkdir(parents=True)
+    (tmp_path / "fake" / "cls" / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    other = create_model(ModelSpec("deit_t", kwargs={**TINY_KWARGS, "depth": 1}, random_weights=True))
+    torch.save(other.state_dict(), tmp_path / "depth1.pt")
+    (tmp_path / "afile").write_text("")
+    exp = ["export", *TINY, "--random-weights"]
+    return [
+        (["export", "--model", "no_such_net", "--random-weights"], "unknown model 'no_such_net'"),
+        ([*exp, "--bits", "5"], "--bits 5 has no deployable"),
+        (["export", *TINY, "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        (["export", *TINY, "--checkpoint", str(tmp_path / "corrupt.safetensors")], "could not be read"),
+        (["export", *TINY, "--checkpoint", str(tmp_path / "corrupt.pt")], "could not be read"),
+        (["export", *TINY, "--checkpoint", str(tmp_path / "depth1.pt")], "does not match"),
+        (["export", "--model", "deit_t", "--model-kwargs", "depth"], "bad --model-kwargs item"),
+        (["export", "--model", "deit_t", "--model-kwargs", "colour=3", "--random-weights"], "bad --model-kwargs"),
+        ([*exp, "--calib", "real"], "--calib real needs --calib-dir"),
+        ([*exp, "--calib", "real", "--calib-dir", str(empty)], "has no class sub-folders"),
+        ([*exp, "--calib", "real", "--calib-dir", str(tmp_path / "noimg")], "has no images"),
+        ([*exp, "--calib", "real", "--calib-dir", str(tmp_path / "fake")], "not a readable image"),
+        ([*exp, "--calib", "magic"], "unknown calibration source 'magic'"),
+        ([*exp, "--preset", "W4A4"], "simulated only"),
+        (["eval", *TINY, "--random-weights", "--data", str(tmp_path / "nowhere")], "data folder not found"),
+        (["eval", "--onnx", str(tmp_path / "no.onnx"), "--data", str(ok_data)], "ONNX file not found"),
+    ]
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    for argv, message in _bad_inputs(tmp_path):
+        if argv[0] == "export":
+            argv = [*argv, "--output", str(out)]
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, (argv, err)
+        lines = [line for line in err.splitlines() if line.startswith("dfq-deploy: error:")]
+        assert len(lines) == 1 and message in lines[0], (argv, err)
+        assert "Traceback" not in err
+        assert not out.exists() or not any(out.iterdir()), argv  # nothing half-written
+
+
+def test_no_offline_weights_names_checkpoint(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
+    code, _, err = _run(capsys, "eval", "--model", "deit_t", "--data", ".")
+    assert code == 2 and "--checkpoint" in err and "offline" in err
+
+
+def test_unwritable_output(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--output", str(tmp_path / "afile" / "out"))
+    assert code == 2 and "not writable" in err
+
+
+def test_failed_parity_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import dfq_deploy.pipeline as pipeline
+
+    def broken(model, proto, inputs, threshold):
+        return {"calibration": {"top1_agreement": 0.5}, "threshold": threshold, "passed": False}
+
+    monkeypatch.setattr(pipeline, "measure_parity", broken)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--output", str(out))
+    assert code == 2 and "disagrees" in err
+    assert not any(out.iterdir())

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from dfq_deploy.config import PRESETS, QuantConfig, preset, preset_for_bits
+from dfq_deploy.errors import DfqError
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_json(name):
+    cfg = PRESETS[name]
+    again = QuantConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["name"] == name
+
+
+def test_deployable_flags():
+    assert {n for n, c in PRESETS.items() if c.deployable} == {"FP32", "W8A8", "W4A16", "W3A16", "W2A16"}
+    assert not preset("W8A8").with_(attn_log2=True).deployable
+    assert preset("W3A16").w_storage_bits == 4 and preset("W8A8").w_storage_bits == 8
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"w_bits": 9}, "w_bits=9"),
+        ({"a_bits": 1}, "a_bits=1"),
+        ({"w_granularity": "blockwise", "w_bits": 8}, "INT4"),
+        ({"block_size": 7}, "block_size"),
+        ({"w_range": "magic"}, "w_range"),
+        ({"a_scope": "everything"}, "a_scope"),
+        ({"version": 99}, "version"),
+    ],
+)
+def test_config_validates(changes, match):
+    with pytest.raises(DfqError, match=match):
+        QuantConfig(**changes)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(DfqError, match="unknown quantization config keys: colour"):
+        QuantConfig.from_dict({"colour": "red"})
+
+
+def test_export_bits():
+    assert preset_for_bits(8).name == "W8A8"
+    assert preset_for_bits(4).name == "W4A16"
+    assert preset_for_bits(3).name == "W3A16"
+    assert preset_for_bits(32).w_bits is None
+    with pytest.raises(DfqError, match="--bits 5 has no deployable"):
+        preset_for_bits(5)
+    with pytest.raises(DfqError, match="unknown preset"):
+        preset("W9A9")
