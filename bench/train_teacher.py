@@ -239,7 +239,8 @@ def main() -> None:
             break
         acc = evaluate(model, dev_x, dev_y)
         log["epochs"].append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                              "train_top1": correct / max(seen, 1), "dev_top1": acc, "lr": lr, "epoch_seconds": time.time() - t0})
+                              "train_top1": correct / max(seen, 1), "dev_top1": acc, "lr": lr,
+                              "epoch_seconds": time.time() - t0})
         logger.info("epoch %d done: dev top-1 %.4f (%.0f s)", epoch, acc, time.time() - t0)
         epoch, step_in_epoch = epoch + 1, 0
         if acc > best_acc:

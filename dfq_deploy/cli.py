@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from dfq_deploy.errors import DfqError
 
@@ -90,6 +91,50 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dfq_deploy.bench.latency import run_benchmark
+    from dfq_deploy.bench.power import auto_sampler
+    from dfq_deploy.bench.report import write_reports
+
+    result = run_benchmark(
+        args.artifacts, runtime=args.runtime, batches=_int_list(args.batch, "--batch"), warmup=args.warmup,
+        iters=args.iters, seconds=args.seconds, threads=args.threads, progress=not args.quiet,
+        power_sampler=auto_sampler(tegrastats_log=args.tegrastats_log),
+    )
+    written = write_reports(result, args.output, accuracy_from=args.accuracy_from or ())
+    print((Path(args.output) / "bench.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dfq_deploy.bench.report import merge_reports
+
+    _, md, _ = merge_reports(args.dirs, output=args.output)
+    print(md)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from dfq_deploy.export.tensorrt import build_engine, plan_build
+
+    plan = plan_build(args.onnx, args.precision, workspace_mb=args.workspace, batch=args.batch,
+                      timing_cache=args.timing_cache, calibrator=args.calibrator, calib_from=args.calib_from,
+                      output=args.output)
+    if args.dry_run:
+        print(plan.to_json())
+        return 0
+    print(f"wrote {build_engine(plan)}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DfqError(f"{flag} '{text}' must be comma-separated integers, e.g. 1,8,32") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfq-deploy", description="Data-free quantization of ViTs for TensorRT / ONNX.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -118,6 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, help="evaluate a seeded subset of this many images")
     v.add_argument("--batch-size", type=int, default=64)
     v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="latency (and energy where measurable) of ONNX files or TensorRT engines")
+    b.add_argument("artifacts", nargs="+", help="ONNX files or engines; the first is the baseline")
+    b.add_argument("--runtime", choices=["ort", "trt"], default="ort")
+    b.add_argument("--batch", default="1,8,32", help="batch sizes, e.g. 1,8,32")
+    b.add_argument("--warmup", type=int, default=10)
+    budget = b.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=int, help="timed runs per artifact and batch (default 100)")
+    budget.add_argument("--seconds", type=float, help="timed seconds per artifact and batch")
+    b.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    b.add_argument("--tegrastats-log", help="a tegrastats log recorded during the run (Jetson fallback)")
+    b.add_argument("--accuracy-from", nargs="+", help="export report.json files, for accuracy-vs-latency plots")
+    b.add_argument("--output", required=True, help="folder for bench.json / .csv / .md and plots")
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("build", help="build a TensorRT engine from an exported ONNX (needs TensorRT and a GPU)")
+    t.add_argument("onnx")
+    t.add_argument("--precision", choices=["int8", "int4", "fp16", "best", "fp32"], default="best",
+                   help="int8/int4 for QDQ exports (strongly typed), fp16 for the float export")
+    t.add_argument("--workspace", type=int, default=1024, help="workspace memory pool in MB")
+    t.add_argument("--batch", help="optimisation profile MIN,OPT,MAX (default 1,8,32 for a dynamic batch)")
+    t.add_argument("--timing-cache", help="timing cache file, read and updated")
+    t.add_argument("--calibrator", choices=["synthetic"], help="implicit INT8 calibration (TensorRT <= 10.x)")
+    t.add_argument("--calib-from", help="a dfq-deploy synth output folder with images.safetensors")
+    t.add_argument("--output", help="engine path (default <onnx stem>.engine)")
+    t.add_argument("--dry-run", action="store_true", help="print the build plan as JSON and stop")
+    t.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("report", help="merge several bench/export output folders into one table and plot")
+    r.add_argument("dirs", nargs="+")
+    r.add_argument("--output", help="folder for report.md / .csv / .png")
+    r.set_defaults(func=cmd_report)
 
     lint = sub.add_parser("lint", help="check an ONNX graph against TensorRT's explicit-quantization rules")
     lint.add_argument("onnx")

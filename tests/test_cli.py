@@ -137,3 +137,41 @@ def test_failed_parity_leaves_nothing(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--output", str(out))
     assert code == 2 and "disagrees" in err
     assert not any(out.iterdir())
+
+
+@pytest.fixture
+def exported(tmp_path, capsys):
+    out = tmp_path / "w4"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--output", str(out),
+                        "--num-samples", "4")
+    assert code == 0, err
+    return out
+
+
+def test_bench_and_report_commands(tmp_path, capsys, exported):
+    out = tmp_path / "bench"
+    code, stdout, err = _run(capsys, "bench", str(exported / "model.onnx"), "--batch", "1,2", "--iters", "4",
+                             "--warmup", "1", "--accuracy-from", str(exported / "report.json"), "--output", str(out))
+    assert code == 0, err
+    bench = json.loads((out / "bench.json").read_text())
+    assert [b["batch"] for b in bench["artifacts"][0]["batches"]] == [1, 2]
+    assert bench["power"]["available"] is False  # no energy source here: reported, never invented
+    assert (out / "bench.csv").is_file() and "p50" in stdout
+    code, stdout, err = _run(capsys, "report", str(out), str(exported), "--output", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert (tmp_path / "merged" / "report.md").is_file()
+    code, _, err = _run(capsys, "bench", str(exported / "model.onnx"), "--batch", "one", "--output", str(out))
+    assert code == 2 and "--batch 'one'" in err
+
+
+def test_build_plan_and_missing_tensorrt(capsys, exported):
+    import importlib.util
+
+    code, stdout, _ = _run(capsys, "build", str(exported / "model.onnx"), "--dry-run")
+    assert code == 0
+    plan = json.loads(stdout)
+    assert plan["strongly_typed"] is True and plan["builder_flags"] == []
+    if importlib.util.find_spec("tensorrt") is None:
+        code, _, err = _run(capsys, "build", str(exported / "model.onnx"))
+        assert code == 2 and "TensorRT is not installed" in err
+        assert not (exported / "model.engine").exists()

@@ -33,7 +33,7 @@ def _evaluate(predict, data_dir: str | Path, data_cfg: dict[str, Any], limit: in
     total = min(len(ImageFolder(data_dir)), limit or 1 << 60)
     counts = {1: 0, 5: 0}
     n, t0 = 0, time.perf_counter()
-    with tqdm(total=total, desc=f"eval {label}", unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc=f"eval {label}", unit="img", disable=None if progress else True, leave=False) as bar:
         for x, y in iter_image_batches(data_dir, data_cfg, batch_size, limit):
             for k, c in topk_correct(predict(x), y.numpy()).items():
                 counts[k] += c

@@ -19,6 +19,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -113,7 +114,6 @@ class _QDQBuilder:
         ints = wq.integers(w).to(torch.int64).numpy()  # [out, in]
         scale = wq.scale.detach().float().numpy()  # [out] or [out, nblocks]
         storage = 8 if wq.bits > 4 else 4
-        dtype = TensorProto.INT8 if storage == 8 else TensorProto.INT4
         attrs: dict[str, int] = {}
         if transposed:  # MatMul layout [K, N]: channels on axis 1, blocks along axis 0
             ints = ints.T
@@ -126,8 +126,9 @@ class _QDQBuilder:
             attrs["axis"] = 0
             if wq.block_size is not None:
                 attrs.update(axis=1, block_size=wq.block_size)
-        qname = self.add_init(helper.make_tensor(self.name(f"{tag}_w_int{storage}"), dtype, ints.shape,
-                                                 ints.flatten().tolist()))
+        np_dtype = np.int8 if storage == 8 else ml_dtypes.int4
+        qname = self.add_init(numpy_helper.from_array(np.ascontiguousarray(ints).astype(np_dtype),
+                                                      self.name(f"{tag}_w_int{storage}")))
         sname = self.add_init(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32),
                                                       self.name(f"{tag}_w_scale")))
         out = self.name(f"{tag}_w_dq")

@@ -1,0 +1,38 @@
+"""The accuracy benchmark's --smoke path on a tiny random model, so the harness cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tests.conftest import make_image_folder
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_grid(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
+    mod = _load()
+    result = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", "img_size=32,patch_size=4,depth=1,num_classes=10",
+                       "--random-weights", "--data", str(data), "--calib-dir", str(data), "--sources", "noise,real",
+                       "--output", str(tmp_path / "res")])
+    cells = {(c["preset"], c["source"]): c for c in result["cells"]}
+    assert set(cells) == {("FP32", "-"), ("W4A16", "noise"), ("W4A4", "noise"), ("W4A16", "real"), ("W4A4", "real")}
+    assert cells[("W4A16", "noise")]["measured_on"] == "onnxruntime"
+    assert cells[("W4A4", "real")]["measured_on"].startswith("simulated")
+    assert all(0.0 <= c["top1"] <= 1.0 for c in result["cells"])
+    assert result["n_eval"] == 8
+    stem = tmp_path / "res" / "accuracy-deit_t-smoke"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["summary"] == result["summary"]
+    md = stem.with_suffix(".md").read_text()
+    assert "W4A4*" in md and "| noise |" in md and "| real |" in md
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

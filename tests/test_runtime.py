@@ -1,0 +1,245 @@
+"""Runtime: profile checks, timing summaries, backend choice, ONNX Runtime sessions (CPU); TRTEngine (GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dfq_deploy.errors import DfqError, MissingDependencyError
+from dfq_deploy.runtime import (
+    InferTiming,
+    TRTEngine,
+    check_input_shape,
+    ort_session,
+    select_backend,
+    summarize_timings,
+)
+from tests.conftest import make_image_folder
+from tests.export.test_tensorrt import CHW, GPU_SKIP, HAS_TRT, NUM_CLASSES, make_model, save_model
+
+requires_gpu = pytest.mark.skipif(bool(GPU_SKIP), reason=GPU_SKIP or "TensorRT and GPU available")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "classify_folder.py"
+
+
+def _has(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+# --- profile checks ---------------------------------------------------------------------------------------
+def test_check_input_shape_inside_profile() -> None:
+    for batch in (1, 5, 32):
+        check_input_shape("input", (batch, 3, 4, 4), (1, 3, 4, 4), (32, 3, 4, 4))
+
+
+def test_check_input_shape_errors() -> None:
+    with pytest.raises(DfqError, match=r"batch 33, outside the engine's profile 1\.\.32.*--batch"):
+        check_input_shape("input", (33, 3, 4, 4), (1, 3, 4, 4), (32, 3, 4, 4))
+    with pytest.raises(DfqError, match="batch 1, outside"):
+        check_input_shape("input", (1, 3, 4, 4), (2, 3, 4, 4), (8, 3, 4, 4))
+    with pytest.raises(DfqError, match=r"expects \[N, 3, 4, 4\]"):
+        check_input_shape("input", (2, 3, 8, 8), (1, 3, 4, 4), (32, 3, 4, 4))
+    with pytest.raises(DfqError, match="rank 4"):
+        check_input_shape("input", (2, 48), (1, 3, 4, 4), (32, 3, 4, 4))
+
+
+# --- timing summaries -------------------------------------------------------------------------------------
+def test_summarize_timings() -> None:
+    rows = [InferTiming(8, 0.5, 2.0, 0.1, 3.0), InferTiming(8, 0.5, 4.0, 0.1, 5.0),
+            InferTiming(8, 0.5, 6.0, 0.1, 7.0), InferTiming(8, 0.5, 100.0, 0.1, 101.0)]
+    s = summarize_timings(rows, skip=1)  # the first call is warm-up
+    assert (s["calls"], s["images"]) == (3, 24)
+    assert s["compute_ms"]["mean"] == pytest.approx((4 + 6 + 100) / 3)
+    assert s["compute_ms"]["median"] == pytest.approx(6.0)
+    assert s["h2d_ms"]["p90"] == pytest.approx(0.5)
+    assert s["gpu_ms"]["median"] == pytest.approx(6.6)
+    assert s["images_per_s_compute"] == pytest.approx(1000 * 24 / 110)
+    assert s["images_per_s_wall"] == pytest.approx(1000 * 24 / 113)
+    assert rows[0].gpu_ms == pytest.approx(2.6)
+    with pytest.raises(DfqError, match="no timed calls"):
+        summarize_timings(rows, skip=4)
+
+
+# --- CUDA backend choice ----------------------------------------------------------------------------------
+def test_select_backend() -> None:
+    with pytest.raises(DfqError, match="choose one of cuda-python, pycuda"):
+        select_backend("cupy")
+    if _has("cuda.bindings"):
+        assert select_backend() == "cuda-python"
+        assert select_backend("cuda-python") == "cuda-python"
+    if not _has("pycuda"):
+        with pytest.raises(MissingDependencyError, match="pip install pycuda"):
+            select_backend("pycuda")
+    if not _has("cuda.bindings") and not _has("pycuda"):
+        with pytest.raises(MissingDependencyError, match="cuda-python"):
+            select_backend()
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------------------------
+def _reference_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))
+    return x.reshape(len(x), -1) @ w
+
+
+def test_ort_session_runs_the_graph(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = make_model("fp32")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).normal(size=(3, *CHW)).astype(np.float32)
+    for sess in (ort_session(path), ort_session(model, threads=1, optimize=False)):
+        assert sess.get_providers() == ["CPUExecutionProvider"]
+        (out,) = sess.run(None, {"input": x})
+        np.testing.assert_allclose(out, _reference_logits(model, x), rtol=1e-5, atol=1e-5)
+    opts = ort_session(path, threads=1, optimize=False).get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert ort_session(path).get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_ort_session_gpu_request_keeps_cpu_last(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    sess = ort_session(save_model(tmp_path, "fp32"), gpu=True)
+    providers = sess.get_providers()
+    assert providers[-1] == "CPUExecutionProvider"
+    assert set(providers) <= set(ort.get_available_providers())
+
+
+def test_ort_session_errors(tmp_path: Path) -> None:
+    with pytest.raises(DfqError, match="not found"):
+        ort_session(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"definitely not protobuf")
+    with pytest.raises(DfqError, match="ONNX Runtime cannot load"):
+        ort_session(bad)
+
+
+# --- TRTEngine without TensorRT / GPU ---------------------------------------------------------------------
+def test_trt_engine_missing_file(tmp_path: Path) -> None:
+    eng = TRTEngine(tmp_path / "missing.engine")
+    assert not eng.is_open and eng.timings == {} and eng.timing_history == []
+    with pytest.raises(DfqError, match="engine file not found"), eng:
+        pass
+    with pytest.raises(DfqError, match="engine file not found"):
+        eng.infer(np.zeros((1, *CHW), np.float32))
+    eng.close()  # closing an engine that never opened is harmless
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
+def test_trt_engine_without_tensorrt(tmp_path: Path) -> None:
+    path = tmp_path / "model.engine"
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
+        TRTEngine(path).open()
+    eng = TRTEngine(path)
+    with pytest.raises(MissingDependencyError):
+        _ = eng.input_shape
+    assert not eng.is_open
+
+
+def test_trt_engine_build_info_reads_the_engine_json(tmp_path: Path) -> None:
+    path = tmp_path / "model.engine"
+    assert TRTEngine(path).build_info == {}
+    (tmp_path / "model.engine.json").write_text(json.dumps({"precision": "int8", "gpu": "Orin"}))
+    eng = TRTEngine(path)
+    assert (eng.precision, eng.device_name) == ("int8", "Orin")
+    assert not eng.is_open  # reading the build description does not open the engine
+
+
+# --- the example app's preprocessing config ---------------------------------------------------------------
+def _load_example():
+    spec = importlib.util.spec_from_file_location("classify_folder", EXAMPLE)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_data_config_from_report_and_flags(tmp_path: Path, capsys) -> None:
+    ex = _load_example()
+    engine = tmp_path / "model.engine"
+    report = {"data_config": {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                              "crop_pct": 1.0, "interpolation": "bicubic"}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    args = ex.argparse.Namespace(report=None, size=None, mean=None, std=None, crop_pct=None, interpolation=None)
+    cfg = ex.data_config(engine, args)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == [0.5, 0.5, 0.5] and cfg["crop_pct"] == 1.0
+    args.size, args.mean = "24x16", "0.1,0.2,0.3"
+    cfg = ex.data_config(engine, args)
+    assert cfg["input_size"] == (3, 24, 16) and cfg["mean"] == (0.1, 0.2, 0.3)
+    alone = ex.argparse.Namespace(report=None, size="8", mean="0,0,0", std="1,1,1", crop_pct=None,
+                                  interpolation=None)
+    cfg = ex.data_config(tmp_path / "elsewhere" / "m.engine", alone)
+    assert cfg["input_size"] == (3, 8, 8) and cfg["crop_pct"] == ex.DEFAULT_CROP_PCT
+    alone.std = None
+    with pytest.raises(DfqError, match=r"\['std'\]"):
+        ex.data_config(tmp_path / "elsewhere" / "m.engine", alone)
+    alone.std = "1,1"
+    with pytest.raises(DfqError, match="3 comma-separated"):
+        ex.data_config(tmp_path / "elsewhere" / "m.engine", alone)
+    rc = ex.main([str(tmp_path / "missing.engine"), str(tmp_path), "--size", "8", "--mean", "0,0,0",
+                  "--std", "1,1,1"])
+    assert rc == 2  # one-line error, exit code 2
+    assert "engine file not found" in capsys.readouterr().err
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def engine_path(tmp_path: Path) -> Path:
+    from dfq_deploy.export.tensorrt import build_engine, plan_build
+
+    return build_engine(plan_build(save_model(tmp_path, "int8", chw=(3, 8, 8)), "int8", batch="1,4,8",
+                                   workspace_mb=256))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_trt_engine_open_close_and_dynamic_batch(engine_path: Path) -> None:
+    eng = TRTEngine(engine_path)
+    assert eng.input_shape == (-1, 3, 8, 8)  # opens on first use
+    assert eng.is_open and eng.batch_range == (1, 4, 8) and eng.precision == "int8"
+    outs = [eng.infer(np.ones((b, 3, 8, 8), np.float32)) for b in (1, 8, 3)]
+    assert [o.shape for o in outs] == [(1, NUM_CLASSES), (8, NUM_CLASSES), (3, NUM_CLASSES)]
+    np.testing.assert_allclose(outs[1][:3], outs[2], rtol=1e-4, atol=1e-4)
+    with pytest.raises(DfqError, match="float64"):
+        eng.infer(np.ones((2, 3, 8, 8)))
+    eng.close()
+    assert not eng.is_open
+    eng.close()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_trt_engine_takes_torch_cuda_tensors_without_copies(engine_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    with TRTEngine(engine_path) as eng:
+        host = eng.infer(x.cpu().numpy())
+        dev = eng.infer(x)
+        assert eng.timings["h2d_ms"] == 0.0 or eng.timings["h2d_ms"] < 0.05  # nothing copied
+    assert isinstance(dev, torch.Tensor) and dev.is_cuda
+    np.testing.assert_allclose(dev.cpu().numpy(), host, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_example_classifies_a_folder(engine_path: Path, tmp_path: Path, capsys) -> None:
+    data = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=8)
+    ex = _load_example()
+    rc = ex.main([str(engine_path), str(data), "--size", "8", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+                  "--crop-pct", "1.0", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "top-1" in out and "on 6 images" in out and "images/s" in out
