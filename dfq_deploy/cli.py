@@ -60,6 +60,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dfq_deploy.calib.synth import run_synthesis
+    from dfq_deploy.models import create_model, data_config
+
+    spec = _spec(args)
+    model = create_model(spec)
+    try:
+        options = json.loads(args.options) if args.options else None
+    except json.JSONDecodeError as exc:
+        raise DfqError(f"--options is not valid JSON ({exc.msg}): write e.g. '{{\"alpha1\": 100}}'") from None
+    out = args.output or f"out/synth-{spec.name}-{args.method}"
+    calib = run_synthesis(model, data_config(model), args.method, num_samples=args.num_samples, iters=args.iters,
+                          output_dir=out, seed=args.seed, resume=args.resume, options=options,
+                          progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                          model_info=spec.to_dict())
+    print(f"wrote {len(calib)} {args.method} images to {out} (images.safetensors, contact_sheet.png, loss.png)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from dfq_deploy.bench.accuracy import evaluate_onnx, evaluate_torch
 
@@ -140,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # -v / -q also accepted after the subcommand
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
-    e = sub.add_parser("export", help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
+    e = sub.add_parser(
+        "export", parents=[common], help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
     _model_args(e)
     e.add_argument("--bits", type=int, default=8, help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float); default 8")
     e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
@@ -156,7 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--parity-threshold", type=float, default=0.99, help="min ORT-vs-PyTorch top-1 agreement")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="top-1/top-5 of an exported ONNX (--onnx) or a float PyTorch model (--model)")
+    s = sub.add_parser(
+        "synth", parents=[common], help="synthesize calibration images from the model alone (data-free)")
+    _model_args(s)
+    s.add_argument("--method", default="spdfq", help="psaq, spdfq or dfqvit")
+    s.add_argument("--num-samples", type=int, default=32)
+    s.add_argument("--iters", type=int, help="optimisation steps (default: the method's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--options", help='method options as JSON, e.g. \'{"alpha1": 100}\'')
+    s.add_argument("--checkpoint-every", type=int, default=200)
+    s.add_argument("--resume", action="store_true", help="continue the run saved in --output up to --iters")
+    s.add_argument("--output", help="output folder (default out/synth-<model>-<method>)")
+    s.set_defaults(func=cmd_synth)
+
+    v = sub.add_parser(
+        "eval", parents=[common], help="top-1/top-5 of an exported ONNX (--onnx) or a float PyTorch model (--model)")
     v.add_argument("--onnx", help="an ONNX file written by dfq-deploy export")
     _model_args(v)
     v.add_argument("--data", required=True, help="ImageFolder directory (class folders sorted give labels)")
@@ -164,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64)
     v.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="latency (and energy where measurable) of ONNX files or TensorRT engines")
+    b = sub.add_parser(
+        "bench", parents=[common], help="latency (and energy where measurable) of ONNX files or TensorRT engines")
     b.add_argument("artifacts", nargs="+", help="ONNX files or engines; the first is the baseline")
     b.add_argument("--runtime", choices=["ort", "trt"], default="ort")
     b.add_argument("--batch", default="1,8,32", help="batch sizes, e.g. 1,8,32")
@@ -178,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="folder for bench.json / .csv / .md and plots")
     b.set_defaults(func=cmd_bench)
 
-    t = sub.add_parser("build", help="build a TensorRT engine from an exported ONNX (needs TensorRT and a GPU)")
+    t = sub.add_parser(
+        "build", parents=[common], help="build a TensorRT engine from an exported ONNX (needs TensorRT and a GPU)")
     t.add_argument("onnx")
     t.add_argument("--precision", choices=["int8", "int4", "fp16", "best", "fp32"], default="best",
                    help="int8/int4 for QDQ exports (strongly typed), fp16 for the float export")
@@ -191,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the build plan as JSON and stop")
     t.set_defaults(func=cmd_build)
 
-    r = sub.add_parser("report", help="merge several bench/export output folders into one table and plot")
+    r = sub.add_parser(
+        "report", parents=[common], help="merge several bench/export output folders into one table and plot")
     r.add_argument("dirs", nargs="+")
     r.add_argument("--output", help="folder for report.md / .csv / .png")
     r.set_defaults(func=cmd_report)
 
-    lint = sub.add_parser("lint", help="check an ONNX graph against TensorRT's explicit-quantization rules")
+    lint = sub.add_parser(
+        "lint", parents=[common], help="check an ONNX graph against TensorRT's explicit-quantization rules")
     lint.add_argument("onnx")
     lint.set_defaults(func=cmd_lint)
     return p

@@ -175,3 +175,17 @@ def test_build_plan_and_missing_tensorrt(capsys, exported):
         code, _, err = _run(capsys, "build", str(exported / "model.onnx"))
         assert code == 2 and "TensorRT is not installed" in err
         assert not (exported / "model.engine").exists()
+
+
+def test_synth_command_writes_a_run(tmp_path, capsys):
+    out = tmp_path / "synth"
+    argv = ["synth", *TINY, "--random-weights", "--method", "psaq", "--iters", "3", "--num-samples", "2",
+            "--output", str(out), "-q"]
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert {"images.safetensors", "config.json", "loss.json", "contact_sheet.png"} <= {p.name for p in out.iterdir()}
+    assert len(json.loads((out / "loss.json").read_text())["iteration"]) == 3  # one loss row per iteration
+    code, _, err = _run(capsys, *argv)  # the folder holds a finished run: refuse to overwrite silently
+    assert code == 2 and "--resume" in err
+    code, _, err = _run(capsys, *argv[:-3], "--output", str(tmp_path / "x"), "--options", "{bad")
+    assert code == 2 and "not valid JSON" in err

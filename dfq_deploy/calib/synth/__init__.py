@@ -2,9 +2,28 @@
 
 Each source is one module that registers a function with :func:`register_synthesizer`; importing this
 package imports them all. A source returns a :class:`CalibSet` of images in the model's normalised space.
+
+The optimisation-based synthesizers (``psaq``, ``spdfq``, ``dfqvit``) share one loop
+(:mod:`~dfq_deploy.calib.synth.loop`); :func:`run_synthesis` runs one into an output folder with checkpoints,
+and :func:`load_synth_dir` reads such a folder back as a :class:`CalibSet`.
 """
 
-from dfq_deploy.calib.synth import noise, real  # noqa: F401,E402  (registration side effects)
+from dfq_deploy.calib.synth import dfqvit, noise, psaq, real, spdfq  # noqa: F401,E402  (registration side effects)
 from dfq_deploy.calib.synth.base import SYNTHESIZERS, CalibRequest, CalibSet, get_source, register_synthesizer
+from dfq_deploy.calib.synth.loop import METHODS, SynthOptions, SynthResult, method_options, synthesize
+from dfq_deploy.calib.synth.run import load_synth_dir, run_synthesis
 
-__all__ = ["SYNTHESIZERS", "CalibRequest", "CalibSet", "get_source", "register_synthesizer"]
+__all__ = [
+    "METHODS",
+    "SYNTHESIZERS",
+    "CalibRequest",
+    "CalibSet",
+    "SynthOptions",
+    "SynthResult",
+    "get_source",
+    "load_synth_dir",
+    "method_options",
+    "register_synthesizer",
+    "run_synthesis",
+    "synthesize",
+]
