@@ -49,6 +49,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         model=spec, bits=args.bits, output=out, calib=args.calib, calib_dir=args.calib_dir,
         num_samples=args.num_samples, seed=args.seed, config=cfg, parity_threshold=args.parity_threshold,
         eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
+        calib_from=args.calib_from, correct=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
+        reconstruct_iters=args.reconstruct_iters, plot=args.plot,
     ))
     par = report["parity"]["held_back"]
     line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}); ONNX Runtime vs "
@@ -171,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
     e.add_argument("--calib", default="noise", help="calibration source: noise, real, or a synthesizer name")
     e.add_argument("--calib-dir", help="ImageFolder for --calib real")
+    e.add_argument("--calib-from", help="calibrate with a saved `dfq-deploy synth` output folder")
+    e.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
+                   help="closed-form activation correction folded into the weights (default diag)")
+    e.add_argument("--reparam", action="store_true",
+                   help="fold per-channel LayerNorm output scales into the weights before calibration (W8A8)")
+    e.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction (Adam) before correcting")
+    e.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
+    e.add_argument("--plot", action="store_true", help="write correction.png (per-block error before/after)")
     e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="output folder (default out/<model>-<preset>)")

@@ -1,11 +1,13 @@
-"""The ``export`` job, top to bottom: model -> calibration set -> quantize -> QDQ ONNX -> lint -> parity -> eval.
+"""The ``export`` job, top to bottom: model -> calibration set -> [reparameterise] -> quantize -> [reconstruct]
+-> [correct and fold] -> QDQ ONNX -> lint -> parity -> eval.
 
-Nothing is written to the output folder until every check has passed; then ``model.onnx`` and ``report.json``
-are each written atomically.
+Nothing is written to the output folder until every check has passed; then ``model.onnx``, the optional
+``correction.png`` and ``report.json`` are each written atomically (and removed again if a later step fails).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -17,17 +19,24 @@ from typing import Any
 import torch
 
 from dfq_deploy.bench.accuracy import DATA_CONFIG_KEY, evaluate_onnx
+from dfq_deploy.calib.correction import MODES, block_errors, fit_corrections_, plot_block_errors
+from dfq_deploy.calib.fold import fold_corrections_
 from dfq_deploy.calib.qmodel import batches_loop, quantize
-from dfq_deploy.calib.synth import CalibRequest, get_source
+from dfq_deploy.calib.reconstruct import reconstruct_
+from dfq_deploy.calib.reparam import reparam_layernorm_
+from dfq_deploy.calib.synth import CalibRequest, get_source, load_synth_dir
 from dfq_deploy.config import QuantConfig, preset_for_bits
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
 from dfq_deploy.export.parity import measure_parity, require_parity
 from dfq_deploy.models import ModelSpec, create_model, data_config
-from dfq_deploy.utils import atomic_write_json
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+#: Calibration sources cheap enough to draw held-back parity inputs from.
+CHEAP_SOURCES = ("noise", "real")
 
 
 @dataclass
@@ -39,6 +48,7 @@ class ExportOptions:
         bits: 8 (W8A8), 4 (W4A16), 3 (W3A16), 16 or 32 (float reference graphs).
         output: output folder (``model.onnx``, ``report.json``).
         calib: calibration source name (``noise``, ``real`` or a registered synthesizer).
+        calib_from: a saved ``dfq-deploy synth`` output folder to calibrate with instead of running ``calib``.
         calib_dir: ImageFolder for ``real``.
         num_samples: calibration images.
         seed: RNG seed of the whole job.
@@ -47,6 +57,14 @@ class ExportOptions:
         eval_data: ImageFolder to measure the exported graph's accuracy on (optional).
         eval_limit: evaluate a seeded subset of this many images.
         progress: show progress bars.
+        correct: closed-form correction of every quantized block Linear, fitted on the calibration set and
+            folded into the weights (``none``, ``bias``, ``diag``, ``full``; see
+            :mod:`dfq_deploy.calib.correction`).
+        reparam: fold per-channel scales of post-LayerNorm activations into LayerNorms and Linears before
+            calibration (only with quantized activations; :mod:`dfq_deploy.calib.reparam`).
+        reconstruct: block-wise reconstruction by Adam before the correction (:mod:`dfq_deploy.calib.reconstruct`).
+        reconstruct_iters: Adam steps per block.
+        plot: write ``correction.png`` (per-block error before/after) beside ``report.json``.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -54,6 +72,7 @@ class ExportOptions:
     output: str | Path = "out"
     calib: str = "noise"
     calib_dir: str | Path | None = None
+    calib_from: str | Path | None = None
     num_samples: int = 32
     seed: int = 0
     config: QuantConfig | None = None
@@ -61,6 +80,11 @@ class ExportOptions:
     eval_data: str | Path | None = None
     eval_limit: int | None = None
     progress: bool = True
+    correct: str = "diag"
+    reparam: bool = False
+    reconstruct: bool = False
+    reconstruct_iters: int = 100
+    plot: bool = False
 
     def __post_init__(self) -> None:
         if self.config is None:
@@ -71,6 +95,10 @@ class ExportOptions:
             raise DfqError(f"--num-samples {self.num_samples}: need at least 1 calibration image")
         if not 0.0 <= self.parity_threshold <= 1.0:
             raise DfqError(f"--parity-threshold {self.parity_threshold} must be between 0 and 1")
+        if self.correct not in MODES:
+            raise DfqError(f"--correct {self.correct} is unknown: use one of {', '.join(MODES)}")
+        if self.reconstruct_iters < 1:
+            raise DfqError(f"reconstruct_iters={self.reconstruct_iters}: need at least 1")
 
 
 def _versions() -> dict[str, str]:
@@ -119,17 +147,22 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     dcfg = data_config(model)
     timings["model_s"] = time.perf_counter() - t
 
-    # Calibration set, plus as many held-back inputs from the same source (with another seed) for parity.
+    # Calibration set (a saved synth run, or a source run now), plus held-back inputs for parity: from the same
+    # source with another seed when that is cheap (noise, real), Gaussian noise otherwise.
     t = time.perf_counter()
-    source = get_source(opts.calib)
-    req = CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir)
-    calib = source(model, req)
-    held = source(model, CalibRequest(opts.num_samples, opts.seed + 1_000_003, dcfg, opts.calib_dir))
+    if opts.calib_from is not None:
+        calib = load_synth_dir(opts.calib_from, dcfg)
+    else:
+        calib = get_source(opts.calib)(model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir))
+    held_source = opts.calib if opts.calib in CHEAP_SOURCES and opts.calib_from is None else "noise"
+    held = get_source(held_source)(
+        model, CalibRequest(len(calib), opts.seed + 1_000_003, dcfg, opts.calib_dir))
     timings["calibration_data_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    quantize(model, cfg, batches_loop(calib.images))
-    timings["quantize_s"] = time.perf_counter() - t
+    correction = _quantize_and_correct(model, cfg, calib.images, held.images, opts, timings)
+    png = None
+    if opts.plot and "stages" in correction:
+        png = plot_block_errors(correction, title=f"{opts.model.name} {cfg.name}, correction {opts.correct}")
 
     t = time.perf_counter()
     proto = to_onnx(model, tuple(dcfg["input_size"]))
@@ -143,31 +176,110 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     timings["parity_s"] = time.perf_counter() - t
     require_parity(parity)
 
-    onnx_path = save_onnx(proto, out / "model.onnx")
-    report: dict[str, Any] = {
-        "artifact": str(onnx_path),
-        "model": opts.model.to_dict(),
-        "data_config": dcfg,
-        "quant_config": cfg.to_dict(),
-        "precision": "fp16" if opts.bits == 16 and cfg.w_bits is None else precision_of(cfg),
-        "calibration": {"source": opts.calib, "num_samples": len(calib), "seed": opts.seed,
-                        "dir": str(opts.calib_dir) if opts.calib_dir else None, **calib.meta},
-        "parity": parity,
-        "lint": [str(v) for v in lint_onnx(proto)],
-        "size_bytes": onnx_path.stat().st_size,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "versions": _versions(),
-        "timings": timings,
-    }
-    if opts.eval_data is not None:
-        t = time.perf_counter()
-        try:
+    written: list[Path] = []
+    try:
+        onnx_path = save_onnx(proto, out / "model.onnx")
+        written.append(onnx_path)
+        report: dict[str, Any] = {
+            "artifact": str(onnx_path),
+            "model": opts.model.to_dict(),
+            "data_config": dcfg,
+            "quant_config": cfg.to_dict(),
+            "precision": "fp16" if opts.bits == 16 and cfg.w_bits is None else precision_of(cfg),
+            "calibration": {"source": opts.calib, "num_samples": len(calib), "seed": opts.seed,
+                            "dir": str(opts.calib_dir) if opts.calib_dir else None,
+                            "from": str(opts.calib_from) if opts.calib_from else None,
+                            "held_back_source": held_source, **calib.meta},
+            "correction": correction,
+            "parity": parity,
+            "lint": [str(v) for v in lint_onnx(proto)],
+            "size_bytes": onnx_path.stat().st_size,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "versions": _versions(),
+            "timings": timings,
+        }
+        if opts.eval_data is not None:
+            t = time.perf_counter()
             report["accuracy"] = evaluate_onnx(onnx_path, opts.eval_data, opts.eval_limit, progress=opts.progress)
-        except BaseException:
-            onnx_path.unlink(missing_ok=True)
-            raise
-        report["accuracy"]["measured_on"] = "onnxruntime (exported artifact)"
-        timings["eval_s"] = time.perf_counter() - t
-    atomic_write_json(out / "report.json", report)
+            report["accuracy"]["measured_on"] = "onnxruntime (exported artifact)"
+            timings["eval_s"] = time.perf_counter() - t
+        if png is not None:
+            written.append(atomic_write_bytes(out / "correction.png", png))
+            correction["plot"] = "correction.png"
+        atomic_write_json(out / "report.json", report)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     logger.info("report: %s", out / "report.json")
     return report
+
+
+def _quantize_and_correct(
+    model: torch.nn.Module, cfg: QuantConfig, calib: torch.Tensor, held: torch.Tensor, opts: ExportOptions,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Reparameterise, quantize, reconstruct and correct ``model`` in place as ``opts`` asks.
+
+    Returns:
+        The report's ``correction`` section: settings, per-block errors against the float model on the held-back
+        inputs after each stage (``stages``), a before/after table (``blocks``), per-layer fits and timings.
+    """
+    if cfg.w_bits is None and cfg.a_bits is None:
+        t = time.perf_counter()
+        quantize(model, cfg, batches_loop(calib))
+        timings["quantize_s"] = time.perf_counter() - t
+        return {"mode": "none", "skipped": "float export"}
+    rep: dict[str, Any] = {"mode": opts.correct, "reparam": False, "reconstruct": opts.reconstruct,
+                           "evaluated_on": f"held_back ({len(held)} inputs)", "stages": {}}
+    stage_s: dict[str, float] = {}
+    t = time.perf_counter()
+    if opts.reparam and cfg.a_bits is not None:
+        layers = reparam_layernorm_(model, calib)["layers"]
+        rep["reparam"] = True
+        rep["reparam_range_ratio"] = {
+            "before": max((v["range_ratio_before"] for v in layers.values()), default=None),
+            "after": max((v["range_ratio_after"] for v in layers.values()), default=None),
+        }
+        stage_s["reparam_s"] = time.perf_counter() - t
+    elif opts.reparam:
+        logger.info("reparam: %s has float activations, nothing to reparameterise", cfg.name)
+    fp_model = copy.deepcopy(model)
+    t = time.perf_counter()
+    quantize(model, cfg, batches_loop(calib))
+    timings["quantize_s"] = time.perf_counter() - t
+    stage_s["quantize_s"] = timings["quantize_s"]
+
+    def measure(stage: str) -> None:
+        t = time.perf_counter()
+        rep["stages"][stage] = block_errors(model, fp_model, held)
+        stage_s[f"errors_{stage}_s"] = time.perf_counter() - t
+
+    measure("quantized")
+    if opts.reconstruct:
+        t = time.perf_counter()
+        rec = reconstruct_(model, fp_model, calib, iters=opts.reconstruct_iters, seed=opts.seed)
+        stage_s["reconstruct_s"] = time.perf_counter() - t
+        rep["reconstruction"] = rec
+        measure("reconstructed")
+    if opts.correct != "none":
+        t = time.perf_counter()
+        fit = fit_corrections_(model, fp_model, calib, opts.correct, seed=opts.seed)
+        stage_s["fit_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fold_corrections_(model)
+        stage_s["fold_s"] = time.perf_counter() - t
+        rep["layers"] = fit["layers"]
+        measure("corrected")
+    first, last = rep["stages"]["quantized"], list(rep["stages"].values())[-1]
+    rep["blocks"] = [
+        {"block": i, **{f"{k}_before": b[k] for k in ("mse", "nmse", "cos")},
+         **{f"{k}_after": a[k] for k in ("mse", "nmse", "cos")}}
+        for i, (b, a) in enumerate(zip(first["blocks"], last["blocks"], strict=True))
+    ]
+    rep["logits"] = {"before": first["logits"], "after": last["logits"]}
+    rep["timings"] = stage_s
+    timings["correction_s"] = sum(v for k, v in stage_s.items() if k != "quantize_s")
+    logger.info("correction %s: held-back logits nmse %.3g -> %.3g", opts.correct, first["logits"]["nmse"],
+                last["logits"]["nmse"])
+    return rep

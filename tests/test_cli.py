@@ -189,3 +189,22 @@ def test_synth_command_writes_a_run(tmp_path, capsys):
     assert code == 2 and "--resume" in err
     code, _, err = _run(capsys, *argv[:-3], "--output", str(tmp_path / "x"), "--options", "{bad")
     assert code == 2 and "not valid JSON" in err
+
+
+def test_export_from_saved_synth_run_with_corrections(tmp_path, capsys):
+    synth = tmp_path / "synth"
+    code, _, err = _run(capsys, "synth", *TINY, "--random-weights", "--method", "dfqvit", "--iters", "2",
+                        "--num-samples", "4", "--output", str(synth), "-q")
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--calib-from", str(synth),
+                        "--correct", "full", "--plot", "--output", str(out), "-q")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["from"] == str(synth) and report["calibration"]["num_samples"] == 4
+    assert report["calibration"]["held_back_source"] == "noise"
+    assert report["correction"]["mode"] == "full"
+    assert (out / "correction.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--calib-from", str(tmp_path / "none"),
+                        "--output", str(tmp_path / "o2"), "-q")
+    assert code == 2 and "dfq-deploy: error:" in err

@@ -13,6 +13,7 @@ its Q/DQ pairs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -32,10 +33,18 @@ ForwardLoop = Callable[[nn.Module], None]
 
 
 class QuantLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters) with an optional input quantizer and weight quantizer."""
+    """An ``nn.Linear`` (same parameters) with an optional input quantizer and weight quantizer.
+
+    ``correction`` is normally None. While a closed-form correction is pending (fitted by
+    :func:`dfq_deploy.calib.correction.fit_corrections_`, not yet folded), it holds a
+    :class:`dfq_deploy.calib.fold.LinearCorrection`: its input part lives in the weight that is quantized
+    (``Q_w(W M)``, bias ``b + W c``), its output part (``s * y + t``) is applied to the output.
+    :func:`dfq_deploy.calib.fold.fold_corrections_` writes both into ``weight``/``bias``/weight scales.
+    """
 
     input_quantizer: ActQuantizer | None
     weight_quantizer: WeightQuantizer | None
+    correction: nn.Module | None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, cfg: QuantConfig) -> QuantLinear:
@@ -52,23 +61,37 @@ class QuantLinear(nn.Linear):
         new.input_quantizer = None
         if cfg.a_bits is not None:
             new.input_quantizer = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+        new.correction = None
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return F.linear(x, w, self.bias)
+        corr = getattr(self, "correction", None)
+        if corr is None:
+            w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+            return F.linear(x, w, self.bias)
+        w, b = corr.input_folded(self.weight, self.bias)
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        return corr.apply_output(F.linear(x, w, b))
 
 
+@functools.cache
 def _fit_block(block_size: int, in_features: int) -> int:
-    """The configured block size, or the largest even divisor of ``in_features`` below it (logged)."""
+    """The configured block size, or the largest power of two below it that divides ``in_features`` (logged once).
+
+    Powers of two keep ONNX Runtime's MatMulNBits kernel (it takes 16..256) and TensorRT's blocked INT4 happy.
+    """
     if in_features % block_size == 0:
         return block_size
-    for b in range(min(block_size, in_features), 1, -1):
-        if in_features % b == 0 and b % 2 == 0:
-            logger.warning("block size %d does not divide %d inputs: using %d", block_size, in_features, b)
+    b = 1 << (min(block_size, in_features).bit_length() - 1)
+    while b >= 2:
+        if in_features % b == 0:
+            logger.warning("block size %d does not divide %d inputs: using %d for those layers", block_size,
+                           in_features, b)
             return b
+        b >>= 1
     raise ValueError(f"no even block size divides {in_features}")
 
 
@@ -125,6 +148,15 @@ def _swin_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = N
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """timm attention modules (ViT/DeiT ``Attention``, Swin ``WindowAttention``) in forward order."""
     return [m for m in model.modules() if isinstance(m, (Attention, WindowAttention))]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks (modules with an ``attn`` attention child and an ``mlp`` child) in forward order.
+
+    ViT/DeiT ``Block`` and Swin ``SwinTransformerBlock`` qualify; each takes one tensor and returns one.
+    """
+    attns = {id(a) for a in attention_modules(model)}
+    return [m for m in model.modules() if id(getattr(m, "attn", None)) in attns and hasattr(m, "mlp")]
 
 
 # --- model-level API ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_quantize_wraps_block_linears_only(tiny_model):
 def test_weight_only_has_no_activation_quantizers(tiny_model):
     quantize(tiny_model, PRESETS["W4A16"])
     assert act_quantizers(tiny_model) == []
-    assert all(m.weight_quantizer.block_size in (96, 128) for m in tiny_model.modules() if isinstance(m, QuantLinear))
+    assert all(m.weight_quantizer.block_size in (64, 128) for m in tiny_model.modules() if isinstance(m, QuantLinear))
 
 
 def test_linear_scope_skips_attention(tiny_model):

@@ -64,7 +64,7 @@ def test_w8a8_graph_and_parity(tiny_model):
     assert par["mean_abs_diff"] < 0.01 * par["logit_scale"]
 
 
-@pytest.mark.parametrize("name, block", [("W4A16", 96), ("W3A16", 96), ("W2A16", 96)])
+@pytest.mark.parametrize("name, block", [("W4A16", 64), ("W3A16", 64), ("W2A16", 64)])
 def test_int4_weight_only(tiny_model, name, block):
     proto, x = _export(tiny_model, name)
     ops = _ops(proto)
