@@ -35,6 +35,9 @@ class QuantConfig:
         a_range: how per-tensor activation ranges are chosen.
         a_percentile: percentile of |x| used when ``a_range`` is ``percentile``.
         attn_log2: quantize the softmax output with a log2 quantizer (simulation only).
+        head_w_bits: bits of the classifier head's weights (per output channel, weight-only), or None to keep
+            the head in float. Weight-only presets store it as INT8: for a 1000-class head that is most of what
+            stays in float.
         version: config schema version.
     """
 
@@ -48,6 +51,7 @@ class QuantConfig:
     a_range: RangeMethod = "percentile"
     a_percentile: float = 99.99
     attn_log2: bool = False
+    head_w_bits: int | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -55,6 +59,8 @@ class QuantConfig:
             raise DfqError(f"w_bits={self.w_bits} is out of range: use 2..8 or None")
         if self.a_bits is not None and not 2 <= self.a_bits <= 8:
             raise DfqError(f"a_bits={self.a_bits} is out of range: use 2..8 or None")
+        if self.head_w_bits is not None and not 2 <= self.head_w_bits <= 8:
+            raise DfqError(f"head_w_bits={self.head_w_bits} is out of range: use 2..8 or None")
         if self.w_granularity not in ("per_channel", "blockwise"):
             raise DfqError(f"w_granularity '{self.w_granularity}' is unknown: use per_channel or blockwise")
         if self.w_granularity == "blockwise" and (self.w_bits or 8) > 4:
@@ -111,7 +117,7 @@ class QuantConfig:
 
 
 def _wonly(name: str, bits: int) -> QuantConfig:
-    return QuantConfig(name=name, w_bits=bits, w_granularity="blockwise", a_bits=None)
+    return QuantConfig(name=name, w_bits=bits, w_granularity="blockwise", a_bits=None, head_w_bits=8)
 
 
 def _sim(name: str, w: int, a: int) -> QuantConfig:

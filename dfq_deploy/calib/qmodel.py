@@ -170,6 +170,18 @@ def _quantizable_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.
                 yield parent, child_name, child
 
 
+def _quantize_head_(model: nn.Module, head_cfg: QuantConfig) -> None:
+    """Replace the classifier head's Linear by a weight-only per-channel QuantLinear (in place)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or isinstance(head, QuantLinear):
+        return
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is head:
+                setattr(parent, child_name, QuantLinear.from_linear(head, head_cfg))
+                return
+
+
 def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """Insert (still inactive) quantizers into ``model`` in place.
 
@@ -188,6 +200,8 @@ def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         n += 1
     if n == 0:
         raise ValueError("no Linear layers found under blocks/layers: is this a timm ViT/DeiT/Swin model?")
+    if cfg.head_w_bits is not None:
+        _quantize_head_(model, cfg.with_(w_bits=cfg.head_w_bits, w_granularity="per_channel", a_bits=None))
     if cfg.a_bits is not None and cfg.a_scope == "matmul":
         for attn in attention_modules(model):
             _attach_attn_quantizers(attn, cfg)

@@ -35,7 +35,11 @@ def test_quantize_wraps_block_linears_only(tiny_model):
 def test_weight_only_has_no_activation_quantizers(tiny_model):
     quantize(tiny_model, PRESETS["W4A16"])
     assert act_quantizers(tiny_model) == []
-    assert all(m.weight_quantizer.block_size in (64, 128) for m in tiny_model.modules() if isinstance(m, QuantLinear))
+    blocks = [m for n, m in tiny_model.named_modules() if isinstance(m, QuantLinear) and n.startswith("blocks")]
+    assert len(blocks) == 8 and all(m.weight_quantizer.block_size in (64, 128) for m in blocks)
+    assert isinstance(tiny_model.head, QuantLinear)  # weight-only presets keep the head as INT8 per channel
+    assert tiny_model.head.weight_quantizer.bits == 8 and tiny_model.head.weight_quantizer.block_size is None
+    assert tiny_model.head.input_quantizer is None
 
 
 def test_linear_scope_skips_attention(tiny_model):
