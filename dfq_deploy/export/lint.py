@@ -46,7 +46,8 @@ class Violation:
         return f"[{self.rule}] {self.node}: {self.message}"
 
 
-def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """``model`` itself, or the ONNX file it names (a one-line DfqError when missing or unreadable)."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
@@ -77,7 +78,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
     """All violations of TensorRT's explicit-quantization rules in ``model`` (empty list: it passes)."""
-    proto = _load(model)
+    proto = load_onnx(model)
     graph = proto.graph
     consts = _constants(graph)
     opset = max((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), default=0)

@@ -44,6 +44,7 @@ import onnx
 from onnx import TensorProto
 
 from dfq_deploy.errors import DfqError, MissingDependencyError
+from dfq_deploy.export.lint import load_onnx
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -425,25 +426,13 @@ class OnnxInfo:
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
-def _load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise DfqError(f"ONNX file not found: {path}")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise DfqError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it") from exc
-
-
 def inspect_onnx(model: onnx.ModelProto | str | Path) -> OnnxInfo:
     """Input, quantization and opset of an ONNX graph (no linting).
 
     Raises:
         DfqError: the file is missing/unreadable, or the graph does not have exactly one float input.
     """
-    proto = _load_onnx(model)
+    proto = load_onnx(model)
     graph = proto.graph
     inits = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -598,7 +587,7 @@ def plan_build(
     if calibrator is None and calib_from is not None:
         raise DfqError("--calib-from is only used with --calibrator synthetic")
     onnx_path = Path(onnx_path)
-    proto = _load_onnx(onnx_path)
+    proto = load_onnx(onnx_path)
     check_onnx(proto)
     info = inspect_onnx(proto)
     strongly_typed, flags, notes = _decide(precision, info, calibrator is not None)
