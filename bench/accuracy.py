@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfq_deploy.calib.qmodel import batches_loop, quantize
 from dfq_deploy.calib.synth import SYNTHESIZERS, CalibRequest
-from dfq_deploy.config import PRESETS, preset
+from dfq_deploy.config import preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
+from dfq_deploy.pipeline import quantize_and_correct
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("bench.accuracy")
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sources", default="all", help="comma list of calibration sources (default: all registered)")
     p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED))
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
+    p.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
+                   help="closed-form correction, as in dfq-deploy export (default diag)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many images")
@@ -106,6 +108,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if args.log2:
         presets += [f"{p}-log2" for p in presets if p in SIMULATED]
     cells: list[dict[str, Any]] = []
+    held = SYNTHESIZERS.get("noise")(base, CalibRequest(args.num_samples, 10_000, dcfg)).images  # for error reports
 
     def acc(logits: np.ndarray) -> float:
         return float((logits.argmax(-1) == y_eval).mean())
@@ -128,10 +131,12 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                     cfg = cfg.with_(attn_log2=True, name=pname)
                 model = copy.deepcopy(base)
                 t = time.perf_counter()
-                quantize(model, cfg, batches_loop(calib.images))
+                stages: dict[str, float] = {}
+                corr = quantize_and_correct(model, cfg, calib.images, held, correct=args.correct, seed=seed,
+                                            timings=stages)
                 calib_s = time.perf_counter() - t
-                cell = {"preset": pname, "source": source, "seed": seed,
-                        "times": {"synthesis_s": synth_s, "calibration_s": calib_s}}
+                cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
+                        "times": {"synthesis_s": synth_s, "calibration_s": calib_s, **stages}}
                 if cfg.deployable:
                     t = time.perf_counter()
                     proto = to_onnx(model, tuple(dcfg["input_size"]))
@@ -145,7 +150,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
-        "num_samples": args.num_samples, "seeds": args.seeds, "synth_iters": args.synth_iters,
+        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct, "synth_iters": args.synth_iters,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells, "summary": summarize(cells),
     }
 
@@ -175,7 +180,8 @@ def markdown(result: dict[str, Any]) -> str:
     sim = {r["preset"] for r in rows if r["measured_on"].startswith("simulated")}
     lines = [
         f"Top-1 (%) of `{result['model']['name']}` on {result['n_eval']} images of `{result['data']}`, "
-        f"mean ± std over {result['seeds']} seed(s), {result['num_samples']} calibration images. "
+        f"mean ± std over {result['seeds']} seed(s), {result['num_samples']} calibration images, "
+        f"correction `{result['correct']}`. "
         f"FP32 (ONNX Runtime): {100 * fp['top1_mean']:.2f}. Columns marked * are simulated in PyTorch "
         "(no deployable kernel); the others are measured on the exported ONNX in ONNX Runtime.",
         "",

@@ -159,7 +159,9 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         model, CalibRequest(len(calib), opts.seed + 1_000_003, dcfg, opts.calib_dir))
     timings["calibration_data_s"] = time.perf_counter() - t
 
-    correction = _quantize_and_correct(model, cfg, calib.images, held.images, opts, timings)
+    correction = quantize_and_correct(model, cfg, calib.images, held.images, correct=opts.correct,
+                                      reparam=opts.reparam, reconstruct=opts.reconstruct,
+                                      reconstruct_iters=opts.reconstruct_iters, seed=opts.seed, timings=timings)
     png = None
     if opts.plot and "stages" in correction:
         png = plot_block_errors(correction, title=f"{opts.model.name} {cfg.name}, correction {opts.correct}")
@@ -215,26 +217,28 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     return report
 
 
-def _quantize_and_correct(
-    model: torch.nn.Module, cfg: QuantConfig, calib: torch.Tensor, held: torch.Tensor, opts: ExportOptions,
-    timings: dict[str, float],
+def quantize_and_correct(
+    model: torch.nn.Module, cfg: QuantConfig, calib: torch.Tensor, held: torch.Tensor, *, correct: str = "diag",
+    reparam: bool = False, reconstruct: bool = False, reconstruct_iters: int = 100, seed: int = 0,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Reparameterise, quantize, reconstruct and correct ``model`` in place as ``opts`` asks.
+    """Reparameterise, quantize, reconstruct and correct ``model`` in place (the export job and the accuracy benchmark share this).
 
     Returns:
         The report's ``correction`` section: settings, per-block errors against the float model on the held-back
         inputs after each stage (``stages``), a before/after table (``blocks``), per-layer fits and timings.
     """
+    timings = {} if timings is None else timings
     if cfg.w_bits is None and cfg.a_bits is None:
         t = time.perf_counter()
         quantize(model, cfg, batches_loop(calib))
         timings["quantize_s"] = time.perf_counter() - t
         return {"mode": "none", "skipped": "float export"}
-    rep: dict[str, Any] = {"mode": opts.correct, "reparam": False, "reconstruct": opts.reconstruct,
+    rep: dict[str, Any] = {"mode": correct, "reparam": False, "reconstruct": reconstruct,
                            "evaluated_on": f"held_back ({len(held)} inputs)", "stages": {}}
     stage_s: dict[str, float] = {}
     t = time.perf_counter()
-    if opts.reparam and cfg.a_bits is not None:
+    if reparam and cfg.a_bits is not None:
         layers = reparam_layernorm_(model, calib)["layers"]
         rep["reparam"] = True
         rep["reparam_range_ratio"] = {
@@ -242,7 +246,7 @@ def _quantize_and_correct(
             "after": max((v["range_ratio_after"] for v in layers.values()), default=None),
         }
         stage_s["reparam_s"] = time.perf_counter() - t
-    elif opts.reparam:
+    elif reparam:
         logger.info("reparam: %s has float activations, nothing to reparameterise", cfg.name)
     fp_model = copy.deepcopy(model)
     t = time.perf_counter()
@@ -256,15 +260,15 @@ def _quantize_and_correct(
         stage_s[f"errors_{stage}_s"] = time.perf_counter() - t
 
     measure("quantized")
-    if opts.reconstruct:
+    if reconstruct:
         t = time.perf_counter()
-        rec = reconstruct_(model, fp_model, calib, iters=opts.reconstruct_iters, seed=opts.seed)
+        rec = reconstruct_(model, fp_model, calib, iters=reconstruct_iters, seed=seed)
         stage_s["reconstruct_s"] = time.perf_counter() - t
         rep["reconstruction"] = rec
         measure("reconstructed")
-    if opts.correct != "none":
+    if correct != "none":
         t = time.perf_counter()
-        fit = fit_corrections_(model, fp_model, calib, opts.correct, seed=opts.seed)
+        fit = fit_corrections_(model, fp_model, calib, correct, seed=seed)
         stage_s["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         fold_corrections_(model)
@@ -280,6 +284,6 @@ def _quantize_and_correct(
     rep["logits"] = {"before": first["logits"], "after": last["logits"]}
     rep["timings"] = stage_s
     timings["correction_s"] = sum(v for k, v in stage_s.items() if k != "quantize_s")
-    logger.info("correction %s: held-back logits nmse %.3g -> %.3g", opts.correct, first["logits"]["nmse"],
+    logger.info("correction %s: held-back logits nmse %.3g -> %.3g", correct, first["logits"]["nmse"],
                 last["logits"]["nmse"])
     return rep
