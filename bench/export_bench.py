@@ -58,7 +58,7 @@ def main() -> None:
                 "parity_held_back": rep["parity"]["held_back"],
             }
         fp = result["exports"]["FP32"]["size_bytes"]
-        for pname, e in result["exports"].items():
+        for e in result["exports"].values():
             e["size_ratio_vs_fp32"] = e["size_bytes"] / fp
         bench = run_benchmark([paths[n] for n in SPEED_PRESETS], batches=[int(b) for b in args.batches.split(",")],
                               warmup=args.warmup, iters=args.iters, threads=args.threads, progress=True)

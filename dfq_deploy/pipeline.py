@@ -222,7 +222,9 @@ def quantize_and_correct(
     reparam: bool = False, reconstruct: bool = False, reconstruct_iters: int = 100, seed: int = 0,
     timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Reparameterise, quantize, reconstruct and correct ``model`` in place (the export job and the accuracy benchmark share this).
+    """Reparameterise, quantize, reconstruct and correct ``model`` in place.
+
+    The export job and the accuracy benchmark both call this, so the benchmark measures what ships.
 
     Returns:
         The report's ``correction`` section: settings, per-block errors against the float model on the held-back

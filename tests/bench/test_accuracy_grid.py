@@ -21,7 +21,8 @@ def _load():
 def test_smoke_grid(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
     mod = _load()
-    result = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", "img_size=32,patch_size=4,depth=1,num_classes=10",
+    kwargs = "img_size=32,patch_size=4,depth=1,num_classes=10"
+    result = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs,
                        "--random-weights", "--data", str(data), "--calib-dir", str(data), "--sources", "noise,real",
                        "--output", str(tmp_path / "res")])
     cells = {(c["preset"], c["source"]): c for c in result["cells"]}
