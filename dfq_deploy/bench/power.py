@@ -194,18 +194,7 @@ def integrate_power(times: Sequence[float], watts: Sequence[float], t0: float | 
     tt = np.concatenate([[ca], t[inside], [cb]])
     ww = np.concatenate([[np.interp(ca, t, w)], w[inside], [np.interp(cb, t, w)]])
     joules = float(np.sum(0.5 * (ww[1:] + ww[:-1]) * np.diff(tt)))
-    covered = cb - ca
-    gaps = find_gaps(t, a, b, interval_s, gap_factor)
-    return {
-        "joules": joules,
-        "window_s": b - a,
-        "covered_s": covered,
-        "coverage": covered / (b - a) if b > a else 1.0,
-        "avg_watts": joules / covered,
-        "n_samples": n_in,
-        "gaps": gaps,
-        "gap_s": float(sum(g["seconds"] for g in gaps)),
-    }
+    return _window_result(joules, a, b, cb - ca, n_in, find_gaps(t, a, b, interval_s, gap_factor))
 
 
 def energy_from_counter(times: Sequence[float], joules_cumulative: Sequence[float], t0: float | None = None,
@@ -231,8 +220,12 @@ def energy_from_counter(times: Sequence[float], joules_cumulative: Sequence[floa
         out["n_samples"] = n_in
         return out
     joules = float(np.interp(cb, t, e) - np.interp(ca, t, e))
-    covered = cb - ca
-    gaps = find_gaps(t, a, b, interval_s, gap_factor)
+    return _window_result(joules, a, b, cb - ca, n_in, find_gaps(t, a, b, interval_s, gap_factor))
+
+
+def _window_result(joules: float, a: float, b: float, covered: float, n_in: int,
+                   gaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The common result of an energy window ``[a, b]`` of which ``covered`` seconds had samples."""
     return {
         "joules": joules,
         "window_s": b - a,
