@@ -35,6 +35,7 @@ from dfq_deploy.calib.synth import SYNTHESIZERS, CalibRequest
 from dfq_deploy.config import preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
+from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
 from dfq_deploy.pipeline import quantize_and_correct
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ort_logits(proto, images: torch.Tensor, batch: int = 250) -> np.ndarray:
+def ort_logits(proto, images: torch.Tensor) -> np.ndarray:
     """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration)."""
     import onnxruntime as ort
 
@@ -87,14 +88,7 @@ def ort_logits(proto, images: torch.Tensor, batch: int = 250) -> np.ndarray:
     so.log_severity_level = 3
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: images[i : i + batch].numpy()})[0]
-                           for i in range(0, len(images), batch)])
-
-
-@torch.no_grad()
-def torch_logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> np.ndarray:
-    return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
+    return run_session(sess, images, batch_size=250)
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,7 +137,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                     cell["times"]["export_s"] = time.perf_counter() - t
                     cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval)), "onnxruntime"
                 else:
-                    cell["top1"], cell["measured_on"] = acc(torch_logits(model, x_eval)), "simulated (pytorch)"
+                    logits = run_torch(model, x_eval, batch_size=250)
+                    cell["top1"], cell["measured_on"] = acc(logits), "simulated (pytorch)"
                 cells.append(cell)
                 logger.warning("%-10s %-7s seed %d: %.4f (%s)", pname, source, seed, cell["top1"],
                                cell["measured_on"])

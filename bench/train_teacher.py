@@ -21,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from dfq_deploy.data import default_cifar10, load_images, load_zip_imagefolder
 from dfq_deploy.models import BUNDLED_MODEL, BUNDLED_WEIGHTS, data_config
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger("train_teacher")
 
@@ -64,15 +66,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -127,20 +123,17 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 
 
 def export(workdir: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     best = workdir / "best.pt"
     if not best.is_file():
         raise SystemExit(f"no best checkpoint in {workdir}: train first")
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     state = {k: v.half().contiguous() for k, v in ckpt["model"].items()}
-    BUNDLED_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = BUNDLED_WEIGHTS.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"epoch": str(ckpt["epoch"]), "dev_top1": str(ckpt["dev_top1"])})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, BUNDLED_WEIGHTS)
+    meta = {"epoch": str(ckpt["epoch"]), "dev_top1": str(ckpt["dev_top1"])}
+    atomic_write_bytes(BUNDLED_WEIGHTS, save(state, metadata=meta))
     log = json.loads((workdir / "log.json").read_text())
-    atomic_write_text(json.dumps(log, indent=1), BUNDLED_WEIGHTS.with_name("deit_tiny_cifar10.log.json"))
+    atomic_write_text(BUNDLED_WEIGHTS.with_name("deit_tiny_cifar10.log.json"), json.dumps(log, indent=1))
     print(f"exported epoch {ckpt['epoch']} (dev top-1 {ckpt['dev_top1']:.4f}) to {BUNDLED_WEIGHTS}")
 
 
@@ -247,7 +240,7 @@ def main() -> None:
             best_acc = acc
             save(workdir / "best.pt", dev_top1=acc)
         save(last)
-        atomic_write_text(json.dumps(log, indent=1), workdir / "log.json")
+        atomic_write_text(workdir / "log.json", json.dumps(log, indent=1))
         epochs_run += 1
         if args.max_epochs_this_run and epochs_run >= args.max_epochs_this_run:
             break

@@ -175,26 +175,7 @@ def integrate_power(times: Sequence[float], watts: Sequence[float], t0: float | 
         ``covered_s``, ``coverage`` (covered / window), ``avg_watts`` (over the covered part), ``n_samples``
         (inside the window), ``gaps`` and ``gap_s``.
     """
-    t, w = _sorted(times, watts)
-    if len(t) == 0:
-        a = t0 or 0.0
-        b = t1 if t1 is not None else a
-        return _empty_window(a, b, "no samples")
-    a = float(t[0]) if t0 is None else float(t0)
-    b = float(t[-1]) if t1 is None else float(t1)
-    if b < a:
-        raise ValueError(f"window end {b} is before its start {a}")
-    ca, cb = max(a, float(t[0])), min(b, float(t[-1]))
-    n_in = int(np.count_nonzero((t >= a) & (t <= b)))
-    if len(t) < 2 or cb <= ca:
-        out = _empty_window(a, b, "no pair of samples brackets the window")
-        out["n_samples"] = n_in
-        return out
-    inside = (t > ca) & (t < cb)
-    tt = np.concatenate([[ca], t[inside], [cb]])
-    ww = np.concatenate([[np.interp(ca, t, w)], w[inside], [np.interp(cb, t, w)]])
-    joules = float(np.sum(0.5 * (ww[1:] + ww[:-1]) * np.diff(tt)))
-    return _window_result(joules, a, b, cb - ca, n_in, find_gaps(t, a, b, interval_s, gap_factor))
+    return _energy_in_window(times, watts, t0, t1, interval_s, gap_factor, _trapezoid_joules)
 
 
 def energy_from_counter(times: Sequence[float], joules_cumulative: Sequence[float], t0: float | None = None,
@@ -205,7 +186,27 @@ def energy_from_counter(times: Sequence[float], joules_cumulative: Sequence[floa
     The counter is linearly interpolated at the window edges; the result has the same keys as
     :func:`integrate_power`.
     """
-    t, e = _sorted(times, joules_cumulative)
+    return _energy_in_window(times, joules_cumulative, t0, t1, interval_s, gap_factor, _counter_joules)
+
+
+def _trapezoid_joules(t: np.ndarray, w: np.ndarray, ca: float, cb: float) -> float:
+    """Trapezoidal integral of power samples over ``[ca, cb]``, interpolated at the edges."""
+    inside = (t > ca) & (t < cb)
+    tt = np.concatenate([[ca], t[inside], [cb]])
+    ww = np.concatenate([[np.interp(ca, t, w)], w[inside], [np.interp(cb, t, w)]])
+    return float(np.sum(0.5 * (ww[1:] + ww[:-1]) * np.diff(tt)))
+
+
+def _counter_joules(t: np.ndarray, e: np.ndarray, ca: float, cb: float) -> float:
+    """Difference of a cumulative energy counter over ``[ca, cb]``, interpolated at the edges."""
+    return float(np.interp(cb, t, e) - np.interp(ca, t, e))
+
+
+def _energy_in_window(times: Sequence[float], values: Sequence[float], t0: float | None, t1: float | None,
+                      interval_s: float | None, gap_factor: float,
+                      joules_fn: Callable[[np.ndarray, np.ndarray, float, float], float]) -> dict[str, Any]:
+    """The window logic shared by power samples and energy counters: bounds, coverage, gaps."""
+    t, v = _sorted(times, values)
     if len(t) == 0:
         a = t0 or 0.0
         return _empty_window(a, t1 if t1 is not None else a, "no samples")
@@ -219,8 +220,7 @@ def energy_from_counter(times: Sequence[float], joules_cumulative: Sequence[floa
         out = _empty_window(a, b, "no pair of samples brackets the window")
         out["n_samples"] = n_in
         return out
-    joules = float(np.interp(cb, t, e) - np.interp(ca, t, e))
-    return _window_result(joules, a, b, cb - ca, n_in, find_gaps(t, a, b, interval_s, gap_factor))
+    return _window_result(joules_fn(t, v, ca, cb), a, b, cb - ca, n_in, find_gaps(t, a, b, interval_s, gap_factor))
 
 
 def _window_result(joules: float, a: float, b: float, covered: float, n_in: int,
