@@ -7,7 +7,10 @@ no deployable kernel: they are evaluated on the PyTorch fake-quant model and lab
 FP32 is the float PyTorch model exported to ONNX and run in ONNX Runtime.
 
 Calibration sets are made once per (source, seed) and shared by every preset; the wall time of synthesis,
-calibration and export is recorded per cell.
+calibration and export is recorded per cell. Every finished cell (and every calibration set) is saved at once
+under ``--cache`` in a folder keyed by the model weights and the grid settings, so an interrupted run continues
+where it stopped, and two processes with disjoint ``--sources`` can share the work (a last run with all
+sources then only assembles the table). ``--fresh`` ignores saved cells.
 
 Usage:
     python bench/accuracy.py                       # full grid on the bundled model, 3 seeds, all of dev
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import logging
 import statistics
 import sys
@@ -54,11 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--data", default=str(default_cifar10("dev")), help="evaluation ImageFolder")
     p.add_argument("--calib-dir", default=str(default_cifar10("calib-real")), help="ImageFolder for 'real'")
-    p.add_argument("--sources", default="all", help="comma list of calibration sources (default: all registered)")
+    p.add_argument("--sources", default="all",
+                   help="comma list of calibration sources (default: all registered); a variant with options is "
+                        "written NAME:key=value+key=value, e.g. dfqvit:global_frac=0 (ablations)")
     p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED))
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
     p.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
                    help="closed-form correction, as in dfq-deploy export (default diag)")
+    p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before the correction")
+    p.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction Adam steps per block")
+    p.add_argument("--tag", default="", help="suffix of the output files (e.g. -corrections)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many images")
@@ -66,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one seed, 500 images, short synthesis")
     p.add_argument("--smoke", action="store_true", help="two cells, a few images (harness test)")
     p.add_argument("--output", default=str(ROOT / "results"))
+    p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all cores)")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "dfq_deploy" / "accuracy"),
+                   help="folder of finished cells and calibration sets (resume)")
+    p.add_argument("--fresh", action="store_true", help="recompute every cell")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.limit = 1, args.limit or 500
@@ -80,21 +94,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ort_logits(proto, images: torch.Tensor) -> np.ndarray:
+def ort_logits(proto, images: torch.Tensor, threads: int | None = None) -> np.ndarray:
     """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return run_session(sess, images, batch_size=250)
 
 
+def weights_key(model: torch.nn.Module) -> str:
+    """Short hash of a model's weights (the cache is only valid for the same model)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class CellCache:
+    """Finished cells as one JSON file each, calibration sets as tensors; all writes atomic.
+
+    Layout: ``<cache>/<model>-<weights hash>/calib-<source>-<seed>-n<samples>-i<iters>.pt`` (shared by every
+    grid on that model) and ``.../cells-<settings hash>/cell-<preset>-<source>-<seed>.json``.
+    """
+
+    def __init__(self, args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module) -> None:
+        self.model_root = Path(args.cache).expanduser() / f"{spec.name}-{weights_key(model)}"
+        settings = {"model": spec.to_dict(), "data": str(Path(args.data).resolve()), "limit": args.limit,
+                    "calib_dir": str(Path(args.calib_dir).resolve()), "num_samples": args.num_samples,
+                    "correct": args.correct, "synth_iters": args.synth_iters,
+                    "reconstruct": args.reconstruct and args.reconstruct_iters}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.root = self.model_root / f"cells-{key}"
+        self.calib_tag = f"n{args.num_samples}-i{args.synth_iters or 'default'}"
+        self.fresh = args.fresh
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _cell(self, preset_name: str, source: str, seed: int) -> Path:
+        return self.root / f"cell-{preset_name}-{source}-{seed}.json"
+
+    def _calib(self, source: str, seed: int) -> Path:
+        return self.model_root / f"calib-{source}-{seed}-{self.calib_tag}.pt"
+
+    def get_cell(self, preset_name: str, source: str, seed: int) -> dict[str, Any] | None:
+        path = self._cell(preset_name, source, seed)
+        return None if self.fresh or not path.is_file() else json.loads(path.read_text())
+
+    def put_cell(self, cell: dict[str, Any]) -> None:
+        atomic_write_json(self._cell(cell["preset"], cell["source"], cell["seed"]), cell)
+
+    def get_calib(self, source: str, seed: int) -> tuple[torch.Tensor, float] | None:
+        path = self._calib(source, seed)
+        if self.fresh or not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu")
+        return saved["images"], float(saved["synthesis_s"])
+
+    def put_calib(self, source: str, seed: int, images: torch.Tensor, synth_s: float) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"images": images, "synthesis_s": synth_s}, buf)
+        atomic_write_bytes(self._calib(source, seed), buf.getvalue())
+
+
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
     base = create_model(spec)
     dcfg = data_config(base)
+    cache = CellCache(args, spec, base)
+    logger.warning("cells are saved in %s", cache.root)
     x_eval, y_eval = load_images(args.data, dcfg, limit=args.limit, seed=0)
     y_eval = y_eval.numpy()
     sources = SYNTHESIZERS.names() if args.sources == "all" else args.sources.split(",")
@@ -107,26 +183,45 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     def acc(logits: np.ndarray) -> float:
         return float((logits.argmax(-1) == y_eval).mean())
 
-    t = time.perf_counter()
-    fp_proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]))
-    fp32 = {"preset": "FP32", "source": "-", "seed": 0, "top1": acc(ort_logits(fp_proto, x_eval)),
-            "measured_on": "onnxruntime", "times": {"export_s": time.perf_counter() - t}}
+    fp32 = cache.get_cell("FP32", "-", 0)
+    if fp32 is None:
+        t = time.perf_counter()
+        fp_proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]))
+        fp32 = {"preset": "FP32", "source": "-", "seed": 0, "top1": acc(ort_logits(fp_proto, x_eval, args.threads)),
+                "measured_on": "onnxruntime", "times": {"export_s": time.perf_counter() - t}}
+        cache.put_cell(fp32)
     cells.append(fp32)
     logger.warning("FP32 (onnxruntime): %.4f", fp32["top1"])
     for source in sources:
         for seed in range(args.seeds):
-            options = {"iters": args.synth_iters} if args.synth_iters and source not in ("noise", "real") else {}
-            t = time.perf_counter()
-            calib = SYNTHESIZERS.get(source)(base, CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options))
-            synth_s = time.perf_counter() - t
-            for pname in presets:
+            todo = [pn for pn in presets if cache.get_cell(pn, source, seed) is None]
+            cells += [cache.get_cell(pn, source, seed) for pn in presets if pn not in todo]
+            if not todo:
+                continue
+            saved = cache.get_calib(source, seed)
+            if saved is None:
+                name, _, variant = source.partition(":")
+                options: dict[str, Any] = parse_model_kwargs(variant.replace("+", ","))
+                if name not in ("noise", "real"):
+                    options["progress"] = False
+                    if args.synth_iters:
+                        options["iterations"] = args.synth_iters
+                t = time.perf_counter()
+                req = CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)
+                calib_images = SYNTHESIZERS.get(name)(base, req).images
+                synth_s = time.perf_counter() - t
+                cache.put_calib(source, seed, calib_images, synth_s)
+            else:
+                calib_images, synth_s = saved
+            for pname in todo:
                 cfg = preset(pname.removesuffix("-log2"))
                 if pname.endswith("-log2"):
                     cfg = cfg.with_(attn_log2=True, name=pname)
                 model = copy.deepcopy(base)
                 t = time.perf_counter()
                 stages: dict[str, float] = {}
-                corr = quantize_and_correct(model, cfg, calib.images, held, correct=args.correct, seed=seed,
+                corr = quantize_and_correct(model, cfg, calib_images, held, correct=args.correct, seed=seed,
+                                            reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters,
                                             timings=stages)
                 calib_s = time.perf_counter() - t
                 cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
@@ -135,19 +230,39 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                     t = time.perf_counter()
                     proto = to_onnx(model, tuple(dcfg["input_size"]))
                     cell["times"]["export_s"] = time.perf_counter() - t
-                    cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval)), "onnxruntime"
+                    cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval, args.threads)), "onnxruntime"
                 else:
                     logits = run_torch(model, x_eval, batch_size=250)
                     cell["top1"], cell["measured_on"] = acc(logits), "simulated (pytorch)"
+                cache.put_cell(cell)
                 cells.append(cell)
                 logger.warning("%-10s %-7s seed %d: %.4f (%s)", pname, source, seed, cell["top1"],
                                cell["measured_on"])
     return {
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
-        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct, "synth_iters": args.synth_iters,
+        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct,
+        "reconstruct": args.reconstruct and args.reconstruct_iters, "synth_iters": args.synth_iters,
+        "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells, "summary": summarize(cells),
+        "gap_closed": gap_closed(summarize(cells)),
     }
+
+
+def gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per preset and data-free source: the share of the noise-to-real accuracy gap it closes."""
+    by = {(r["preset"], r["source"]): r["top1_mean"] for r in rows}
+    out = []
+    for pname in dict.fromkeys(r["preset"] for r in rows):
+        noise, real = by.get((pname, "noise")), by.get((pname, "real"))
+        if noise is None or real is None:
+            continue
+        for (p, source), value in by.items():
+            if p == pname and source not in ("noise", "real", "-"):
+                gap = real - noise
+                out.append({"preset": pname, "source": source, "noise_to_real_gap": gap,
+                            "closed": (value - noise) / gap if abs(gap) > 1e-9 else None})
+    return out
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +291,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Top-1 (%) of `{result['model']['name']}` on {result['n_eval']} images of `{result['data']}`, "
         f"mean ± std over {result['seeds']} seed(s), {result['num_samples']} calibration images, "
-        f"correction `{result['correct']}`. "
+        f"correction `{result['correct']}`"
+        + (f" after {result['reconstruct']}-step block reconstruction" if result.get("reconstruct") else "")
+        + ". "
         f"FP32 (ONNX Runtime): {100 * fp['top1_mean']:.2f}. Columns marked * are simulated in PyTorch "
         "(no deployable kernel); the others are measured on the exported ONNX in ONNX Runtime.",
         "",
@@ -189,6 +306,18 @@ def markdown(result: dict[str, Any]) -> str:
             r = by.get((p, s))
             cells.append(f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}" if r else "")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    closed = {(g["preset"], g["source"]): g for g in result.get("gap_closed", [])}
+    methods = list(dict.fromkeys(src for _, src in closed))
+    if methods:
+        lines += ["", "Share of the noise-to-real gap each data-free method closes ((method - noise) / (real - noise); "
+                  "gap in points in the header):", "",
+                  "| method | " + " | ".join(
+                      f"{p} ({100 * closed[(p, methods[0])]['noise_to_real_gap']:+.1f})" if (p, methods[0]) in closed
+                      else p for p in presets) + " |",
+                  "| --- |" + " --- |" * len(presets)]
+        for m in methods:
+            vals = [closed.get((p, m), {}).get("closed") for p in presets]
+            lines.append(f"| {m} | " + " | ".join("" if v is None else f"{100 * v:.0f}%" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run_grid(args)
     suffix = "-smoke" if args.smoke else "-quick" if args.quick else ""
-    stem = Path(args.output) / f"accuracy-{result['model']['name']}{suffix}"
+    stem = Path(args.output) / f"accuracy-{result['model']['name']}{args.tag}{suffix}"
     atomic_write_json(stem.with_suffix(".json"), result)
     md = markdown(result)
     atomic_write_text(stem.with_suffix(".md"), md)

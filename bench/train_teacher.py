@@ -61,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs-this-run", type=int, default=None, help="stop after this many epochs")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast for forward/backward (1.9x faster with AVX512-BF16; weights stay fp32)")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights (safetensors or state dict), not random init; ignored on resume")
     p.add_argument("--export", action="store_true", help="export the best checkpoint into the package and exit")
     return p.parse_args()
 
@@ -164,6 +168,16 @@ def main() -> None:
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     epoch, step_in_epoch, best_acc = 0, 0, 0.0
     log: dict = {"recipe": vars(args), "epochs": [], "wall_seconds": 0.0}
+    if args.init_from and not (workdir / "last.pt").is_file():
+        from safetensors.torch import load_file
+
+        init = Path(args.init_from)
+        state = load_file(init) if init.suffix == ".safetensors" else torch.load(init, map_location="cpu")
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        logger.info("initialised from %s", init)
+        init_log = init.with_name(init.name.split(".")[0] + ".log.json")
+        if init_log.is_file():  # keep the earlier phase's history in this run's log
+            log["init_log"] = json.loads(init_log.read_text())
     last = workdir / "last.pt"
     if last.is_file():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -171,6 +185,10 @@ def main() -> None:
         opt.load_state_dict(ckpt["opt"])
         epoch, step_in_epoch, best_acc = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_acc"]
         log = ckpt["log"]
+        if log["recipe"] != vars(args):  # settings changed on resume (e.g. a shorter schedule): keep the history
+            changed = {k: v for k, v in vars(args).items() if log["recipe"].get(k) != v}
+            log.setdefault("resumes", []).append({"epoch": epoch, "step_in_epoch": step_in_epoch, "changed": changed})
+            log["recipe"] = vars(args)
         logger.info("resumed at epoch %d step %d (best dev top-1 %.4f)", epoch, step_in_epoch, best_acc)
 
     stop = {"flag": False}
@@ -208,8 +226,9 @@ def main() -> None:
                 x, target = mix(x, y, gen, 10, 0.1)
             else:
                 target = torch.full((len(y), 10), 0.01).scatter_(1, y[:, None], 0.91)
-            logits = model(x)
-            loss = torch.sum(-target * logits.log_softmax(-1), -1).mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+            loss = torch.sum(-target * logits.float().log_softmax(-1), -1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

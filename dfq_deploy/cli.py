@@ -47,7 +47,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.output or f"out/{spec.name}-{cfg.name}"
     report = export_model(ExportOptions(
         model=spec, bits=args.bits, output=out, calib=args.calib, calib_dir=args.calib_dir,
-        num_samples=args.num_samples, seed=args.seed, config=cfg, parity_threshold=args.parity_threshold,
+        num_samples=args.num_samples, synth_iters=args.synth_iters, seed=args.seed, config=cfg,
+        parity_threshold=args.parity_threshold,
         eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
         calib_from=args.calib_from, correct=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
         reconstruct_iters=args.reconstruct_iters, plot=args.plot,
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
     e.add_argument("--plot", action="store_true", help="write correction.png (per-block error before/after)")
     e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
+    e.add_argument("--synth-iters", type=int, default=None,
+                   help="synthesis iterations when --calib is a data-free method (default: the method's own)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="output folder (default out/<model>-<preset>)")
     e.add_argument("--eval-data", help="ImageFolder to measure the exported model's accuracy on")

@@ -51,6 +51,7 @@ class ExportOptions:
         calib_from: a saved ``dfq-deploy synth`` output folder to calibrate with instead of running ``calib``.
         calib_dir: ImageFolder for ``real``.
         num_samples: calibration images.
+        synth_iters: optimisation steps when ``calib`` is a data-free method; None: the method's default.
         seed: RNG seed of the whole job.
         config: a full quantization config; overrides ``bits`` when given.
         parity_threshold: minimum ORT-vs-PyTorch top-1 agreement.
@@ -74,6 +75,7 @@ class ExportOptions:
     calib_dir: str | Path | None = None
     calib_from: str | Path | None = None
     num_samples: int = 32
+    synth_iters: int | None = None
     seed: int = 0
     config: QuantConfig | None = None
     parity_threshold: float = 0.99
@@ -91,6 +93,8 @@ class ExportOptions:
             self.config = preset_for_bits(self.bits)
         if not self.config.deployable:
             raise DfqError(f"{self.config.name} is simulated only (no TensorRT kernel): export a deployable preset")
+        if self.synth_iters is not None and self.synth_iters < 1:
+            raise DfqError(f"--synth-iters {self.synth_iters}: need at least 1 iteration")
         if self.num_samples < 1:
             raise DfqError(f"--num-samples {self.num_samples}: need at least 1 calibration image")
         if not 0.0 <= self.parity_threshold <= 1.0:
@@ -153,7 +157,13 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     if opts.calib_from is not None:
         calib = load_synth_dir(opts.calib_from, dcfg)
     else:
-        calib = get_source(opts.calib)(model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir))
+        options: dict[str, Any] = {}
+        if opts.calib not in CHEAP_SOURCES:
+            options["progress"] = opts.progress
+            if opts.synth_iters is not None:
+                options["iterations"] = opts.synth_iters
+        calib = get_source(opts.calib)(
+            model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir, options))
     held_source = opts.calib if opts.calib in CHEAP_SOURCES and opts.calib_from is None else "noise"
     held = get_source(held_source)(
         model, CalibRequest(len(calib), opts.seed + 1_000_003, dcfg, opts.calib_dir))

@@ -208,3 +208,17 @@ def test_export_from_saved_synth_run_with_corrections(tmp_path, capsys):
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--calib-from", str(tmp_path / "none"),
                         "--output", str(tmp_path / "o2"), "-q")
     assert code == 2 and "dfq-deploy: error:" in err
+
+
+def test_export_runs_a_synthesizer_in_process(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "8", "--calib", "psaq",
+                        "--synth-iters", "2", "--num-samples", "2", "--parity-threshold", "0.5",
+                        "--output", str(out), "-q")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["source"] == "psaq" and report["calibration"]["iterations"] == 2
+    assert report["calibration"]["held_back_source"] == "noise"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--calib", "psaq", "--synth-iters", "0",
+                        "--output", str(tmp_path / "o2"), "-q")
+    assert code == 2 and "--synth-iters 0" in err

@@ -6,6 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import timm
+from safetensors.torch import save_file
+
 from tests.conftest import make_image_folder
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
@@ -22,9 +25,13 @@ def test_smoke_grid(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
     mod = _load()
     kwargs = "img_size=32,patch_size=4,depth=1,num_classes=10"
+    ckpt = tmp_path / "tiny.safetensors"  # fixed random weights, so the resumed run finds the same cache key
+    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=1,
+                                num_classes=10).state_dict(), str(ckpt))
     result = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs,
-                       "--random-weights", "--data", str(data), "--calib-dir", str(data), "--sources", "noise,real",
-                       "--output", str(tmp_path / "res")])
+                       "--checkpoint", str(ckpt), "--data", str(data), "--calib-dir", str(data),
+                       "--sources", "noise,real",
+                       "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
     cells = {(c["preset"], c["source"]): c for c in result["cells"]}
     assert set(cells) == {("FP32", "-"), ("W4A16", "noise"), ("W4A4", "noise"), ("W4A16", "real"), ("W4A4", "real")}
     assert cells[("W4A16", "noise")]["measured_on"] == "onnxruntime"
@@ -37,3 +44,11 @@ def test_smoke_grid(tmp_path):
     md = stem.with_suffix(".md").read_text()
     assert "W4A4*" in md and "| noise |" in md and "| real |" in md
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # Every cell and calibration set was saved as it finished: a second run only assembles them.
+    saved_cells = sorted(p.name for p in (tmp_path / "cache").glob("*/cells-*/cell-*.json"))
+    assert len(saved_cells) == 5 and len(list((tmp_path / "cache").glob("*/calib-*.pt"))) == 2
+    again = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs, "--checkpoint", str(ckpt),
+                      "--data", str(data), "--calib-dir", str(data), "--sources", "noise,real",
+                      "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    assert again["cells"] == result["cells"]  # wall times included: nothing was recomputed
