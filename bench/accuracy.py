@@ -49,6 +49,7 @@ logger = logging.getLogger("bench.accuracy")
 ROOT = Path(__file__).resolve().parent
 DEPLOYABLE = ["W8A8", "W4A16", "W3A16", "W2A16"]
 SIMULATED = ["W6A6", "W5A5", "W4A4", "W4A3", "W3A3"]
+EXTRA_SIMULATED = ["W4A8"]  # not in the default grid; for the reparameterisation comparison
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
     p.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
                    help="closed-form correction, as in dfq-deploy export (default diag)")
+    p.add_argument("--reparam", action="store_true", help="fold per-channel LayerNorm scales (RepQ-ViT) first")
     p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before the correction")
     p.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction Adam steps per block")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. -corrections)")
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.limit = 1, args.limit or 500
-        args.synth_iters = args.synth_iters or 200
+        args.synth_iters = args.synth_iters or 100
     if args.smoke:
         args.seeds, args.limit, args.synth_iters = 1, args.limit or 8, args.synth_iters or 2
         args.num_samples = min(args.num_samples, 4)
@@ -129,6 +131,8 @@ class CellCache:
                     "calib_dir": str(Path(args.calib_dir).resolve()), "num_samples": args.num_samples,
                     "correct": args.correct, "synth_iters": args.synth_iters,
                     "reconstruct": args.reconstruct and args.reconstruct_iters}
+        if args.reparam:
+            settings["reparam"] = True
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.root = self.model_root / f"cells-{key}"
         self.calib_tag = f"n{args.num_samples}-i{args.synth_iters or 'default'}"
@@ -221,7 +225,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 t = time.perf_counter()
                 stages: dict[str, float] = {}
                 corr = quantize_and_correct(model, cfg, calib_images, held, correct=args.correct, seed=seed,
-                                            reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters,
+                                            reparam=args.reparam, reconstruct=args.reconstruct,
+                                            reconstruct_iters=args.reconstruct_iters,
                                             timings=stages)
                 calib_s = time.perf_counter() - t
                 cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
@@ -242,7 +247,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
         "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct,
-        "reconstruct": args.reconstruct and args.reconstruct_iters, "synth_iters": args.synth_iters,
+        "reconstruct": args.reconstruct and args.reconstruct_iters, "reparam": args.reparam,
+        "synth_iters": args.synth_iters,
         "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells, "summary": summarize(cells),
         "gap_closed": gap_closed(summarize(cells)),
@@ -293,6 +299,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"mean ± std over {result['seeds']} seed(s), {result['num_samples']} calibration images, "
         f"correction `{result['correct']}`"
         + (f" after {result['reconstruct']}-step block reconstruction" if result.get("reconstruct") else "")
+        + (", LayerNorm reparameterisation" if result.get("reparam") else "")
         + ". "
         f"FP32 (ONNX Runtime): {100 * fp['top1_mean']:.2f}. Columns marked * are simulated in PyTorch "
         "(no deployable kernel); the others are measured on the exported ONNX in ONNX Runtime.",
@@ -332,7 +339,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind in zip(axes, ("deployable", "simulated"), strict=True):
-        presets = [p for p in (DEPLOYABLE if kind == "deployable" else SIMULATED)
+        presets = [p for p in (DEPLOYABLE if kind == "deployable" else SIMULATED + EXTRA_SIMULATED)
                    if any(r["preset"] == p for r in rows)]
         for s in dict.fromkeys(r["source"] for r in rows if r["source"] != "-"):
             pts = [(p, r) for p in presets for r in rows if r["preset"] == p and r["source"] == s]

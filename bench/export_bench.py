@@ -50,7 +50,7 @@ def main() -> None:
             out = Path(args.workdir) / f"{name}-{pname}"
             t = time.perf_counter()
             rep = export_model(ExportOptions(model=ModelSpec(name, random_weights=random), config=preset(pname),
-                                             bits=32 if pname == "FP32" else 8, output=out,
+                                             bits=32 if pname == "FP32" else 8, output=out, calib="noise",
                                              parity_threshold=0.0 if random else 0.99, progress=False))
             paths[pname] = Path(rep["artifact"])
             result["exports"][pname] = {

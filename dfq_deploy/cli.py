@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
 from dfq_deploy.errors import DfqError
 
 logger = logging.getLogger("dfq_deploy")
@@ -172,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", type=int, default=8, help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float); default 8")
     e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
-    e.add_argument("--calib", default="noise", help="calibration source: noise, real, or a synthesizer name")
+    e.add_argument("--calib", default=DEFAULT_CALIB,
+                   help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {DEFAULT_CALIB}, "
+                        "the benchmark's best), noise, or real (with --calib-dir)")
     e.add_argument("--calib-dir", help="ImageFolder for --calib real")
     e.add_argument("--calib-from", help="calibrate with a saved `dfq-deploy synth` output folder")
     e.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
@@ -183,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
     e.add_argument("--plot", action="store_true", help="write correction.png (per-block error before/after)")
     e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
-    e.add_argument("--synth-iters", type=int, default=None,
-                   help="synthesis iterations when --calib is a data-free method (default: the method's own)")
+    e.add_argument("--synth-iters", type=int, default=DEFAULT_SYNTH_ITERS,
+                   help=f"synthesis iterations when --calib is a data-free method (default {DEFAULT_SYNTH_ITERS})")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="output folder (default out/<model>-<preset>)")
     e.add_argument("--eval-data", help="ImageFolder to measure the exported model's accuracy on")

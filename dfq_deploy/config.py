@@ -125,7 +125,16 @@ def _sim(name: str, w: int, a: int) -> QuantConfig:
     return QuantConfig(name=name, w_bits=w, w_granularity=gran, a_bits=a, a_scope="matmul", a_range="mse")
 
 
-#: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16. Simulated: W3A3, W4A3, W4A4, W5A5, W6A6.
+#: ``export``'s calibration source: the data-free method that did best in the accuracy benchmark
+#: (``bench/results/accuracy-deit_tiny_cifar10.md``).
+DEFAULT_CALIB = "spdfq"
+#: Synthesis iterations ``export`` runs in-process by default: the setting the accuracy benchmark measures.
+#: Longer runs: ``dfq-deploy synth --iters K`` and ``export --calib-from``.
+DEFAULT_SYNTH_ITERS = 200
+
+
+#: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16. Simulated: W3A3, W4A3, W4A4, W5A5, W6A6, W4A8
+#: (4-bit weights with INT8 activations: TensorRT has no such kernel for explicit QDQ graphs).
 PRESETS: dict[str, QuantConfig] = {
     "FP32": QuantConfig(name="FP32", w_bits=None, a_bits=None),
     "W8A8": QuantConfig(name="W8A8", w_bits=8, a_bits=8, a_scope="matmul"),
@@ -137,6 +146,7 @@ PRESETS: dict[str, QuantConfig] = {
     "W4A4": _sim("W4A4", 4, 4),
     "W5A5": _sim("W5A5", 5, 5),
     "W6A6": _sim("W6A6", 6, 6),
+    "W4A8": _sim("W4A8", 4, 8),
 }
 
 W8A8, W4A16, W3A16, W2A16 = PRESETS["W8A8"], PRESETS["W4A16"], PRESETS["W3A16"], PRESETS["W2A16"]

@@ -25,7 +25,7 @@ from dfq_deploy.calib.qmodel import batches_loop, quantize
 from dfq_deploy.calib.reconstruct import reconstruct_
 from dfq_deploy.calib.reparam import reparam_layernorm_
 from dfq_deploy.calib.synth import CalibRequest, get_source, load_synth_dir
-from dfq_deploy.config import QuantConfig, preset_for_bits
+from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, QuantConfig, preset_for_bits
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
@@ -51,7 +51,8 @@ class ExportOptions:
         calib_from: a saved ``dfq-deploy synth`` output folder to calibrate with instead of running ``calib``.
         calib_dir: ImageFolder for ``real``.
         num_samples: calibration images.
-        synth_iters: optimisation steps when ``calib`` is a data-free method; None: the method's default.
+        synth_iters: optimisation steps when ``calib`` is a data-free method (default
+            :data:`DEFAULT_SYNTH_ITERS`); None: the method's own default.
         seed: RNG seed of the whole job.
         config: a full quantization config; overrides ``bits`` when given.
         parity_threshold: minimum ORT-vs-PyTorch top-1 agreement.
@@ -71,11 +72,11 @@ class ExportOptions:
     model: ModelSpec = field(default_factory=ModelSpec)
     bits: int = 8
     output: str | Path = "out"
-    calib: str = "noise"
+    calib: str = DEFAULT_CALIB
     calib_dir: str | Path | None = None
     calib_from: str | Path | None = None
     num_samples: int = 32
-    synth_iters: int | None = None
+    synth_iters: int | None = DEFAULT_SYNTH_ITERS
     seed: int = 0
     config: QuantConfig | None = None
     parity_threshold: float = 0.99
@@ -152,19 +153,20 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     timings["model_s"] = time.perf_counter() - t
 
     # Calibration set (a saved synth run, or a source run now), plus held-back inputs for parity: from the same
-    # source with another seed when that is cheap (noise, real), Gaussian noise otherwise.
+    # source with another seed when that is cheap (noise, real), Gaussian noise otherwise. A float export
+    # calibrates nothing: it only needs parity inputs, so it does not run a synthesizer.
     t = time.perf_counter()
+    source = opts.calib if cfg.w_bits is not None or cfg.a_bits is not None else "noise"
     if opts.calib_from is not None:
         calib = load_synth_dir(opts.calib_from, dcfg)
     else:
         options: dict[str, Any] = {}
-        if opts.calib not in CHEAP_SOURCES:
+        if source not in CHEAP_SOURCES:
             options["progress"] = opts.progress
             if opts.synth_iters is not None:
                 options["iterations"] = opts.synth_iters
-        calib = get_source(opts.calib)(
-            model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir, options))
-    held_source = opts.calib if opts.calib in CHEAP_SOURCES and opts.calib_from is None else "noise"
+        calib = get_source(source)(model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir, options))
+    held_source = source if source in CHEAP_SOURCES and opts.calib_from is None else "noise"
     held = get_source(held_source)(
         model, CalibRequest(len(calib), opts.seed + 1_000_003, dcfg, opts.calib_dir))
     timings["calibration_data_s"] = time.perf_counter() - t
@@ -198,7 +200,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             "data_config": dcfg,
             "quant_config": cfg.to_dict(),
             "precision": "fp16" if opts.bits == 16 and cfg.w_bits is None else precision_of(cfg),
-            "calibration": {"source": opts.calib, "num_samples": len(calib), "seed": opts.seed,
+            "calibration": {"source": source, "num_samples": len(calib), "seed": opts.seed,
                             "dir": str(opts.calib_dir) if opts.calib_dir else None,
                             "from": str(opts.calib_from) if opts.calib_from else None,
                             "held_back_source": held_source, **calib.meta},

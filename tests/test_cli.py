@@ -134,7 +134,8 @@ def test_failed_parity_leaves_nothing(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(pipeline, "measure_parity", broken)
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--output", str(out))
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--calib", "noise",
+                        "--output", str(out))
     assert code == 2 and "disagrees" in err
     assert not any(out.iterdir())
 
@@ -143,7 +144,7 @@ def test_failed_parity_leaves_nothing(tmp_path, capsys, monkeypatch):
 def exported(tmp_path, capsys):
     out = tmp_path / "w4"
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--output", str(out),
-                        "--num-samples", "4")
+                        "--num-samples", "4", "--calib", "noise")
     assert code == 0, err
     return out
 
@@ -222,3 +223,15 @@ def test_export_runs_a_synthesizer_in_process(tmp_path, capsys):
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--calib", "psaq", "--synth-iters", "0",
                         "--output", str(tmp_path / "o2"), "-q")
     assert code == 2 and "--synth-iters 0" in err
+
+
+def test_export_default_calibration_is_data_free():
+    from dfq_deploy.calib.synth import METHODS
+    from dfq_deploy.cli import build_parser
+    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+    from dfq_deploy.pipeline import ExportOptions
+
+    args = build_parser().parse_args(["export"])
+    assert args.calib == ExportOptions().calib == DEFAULT_CALIB
+    assert DEFAULT_CALIB in METHODS.names()  # a synthesis method: neither noise nor real data
+    assert args.synth_iters == ExportOptions().synth_iters == DEFAULT_SYNTH_ITERS

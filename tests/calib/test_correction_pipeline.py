@@ -15,7 +15,7 @@ from tests.conftest import TINY_KWARGS
 
 def _opts(out, **kw):
     spec = ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True)
-    base = dict(model=spec, bits=8, output=out, num_samples=8, parity_threshold=0.8, progress=False)
+    base = dict(model=spec, bits=8, output=out, calib="noise", num_samples=8, parity_threshold=0.8, progress=False)
     return ExportOptions(**{**base, **kw})
 
 
@@ -41,10 +41,11 @@ def test_export_with_every_stage(tmp_path):
 
 
 def test_defaults_and_float_export(tmp_path):
-    opts = _opts(tmp_path / "a", bits=32)
+    opts = _opts(tmp_path / "a", bits=32, calib="spdfq")
     assert opts.correct == "diag" and not opts.reparam and not opts.reconstruct and not opts.plot
     report = export_model(opts)
     assert report["correction"] == {"mode": "none", "skipped": "float export"}
+    assert report["calibration"]["source"] == "noise"  # parity inputs only: no synthesis for a float export
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.onnx", "report.json"]
     with pytest.raises(DfqError, match="--correct"):
         _opts(tmp_path / "b", correct="matrix")
