@@ -14,7 +14,8 @@ sources then only assembles the table). ``--fresh`` ignores saved cells.
 
 Usage:
     python bench/accuracy.py                       # full grid on the bundled model, 3 seeds, all of dev
-    python bench/accuracy.py --quick               # one seed, 500 images, short synthesis (< 10 min)
+    python bench/accuracy.py --synth-iters 200 --limit 1000 --threads 1   # the committed results (README)
+    python bench/accuracy.py --quick               # one seed, 500 images, 100 synthesis iterations (< 10 min)
     python bench/accuracy.py --smoke --model deit_t --model-kwargs img_size=32,patch_size=4,depth=1,num_classes=10 \
         --random-weights                           # two cells, a few images: the harness test
 Writes ``bench/results/accuracy-<model>[-quick].json``, ``.md`` and ``.png``.
@@ -30,19 +31,23 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dfq_deploy.calib.synth import SYNTHESIZERS, CalibRequest
-from dfq_deploy.config import preset
+import dfq_deploy
+from dfq_deploy.calib.synth import METHODS, SYNTHESIZERS, CalibRequest
+from dfq_deploy.calib.synth.loop import model_fingerprint, save_checkpoint
+from dfq_deploy.config import QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
 from dfq_deploy.pipeline import quantize_and_correct
+from dfq_deploy.runtime import ort_session
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("bench.accuracy")
@@ -75,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many images")
     p.add_argument("--synth-iters", type=int, default=None, help="override synthesis iterations")
-    p.add_argument("--quick", action="store_true", help="one seed, 500 images, short synthesis")
+    p.add_argument("--quick", action="store_true", help="one seed, 500 images, 100 synthesis iterations")
     p.add_argument("--smoke", action="store_true", help="two cells, a few images (harness test)")
     p.add_argument("--output", default=str(ROOT / "results"))
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all cores)")
@@ -97,79 +102,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def ort_logits(proto, images: torch.Tensor, threads: int | None = None) -> np.ndarray:
-    """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration); INT4
+    MatMulNBits at accuracy level 0, so W4A16's activations stay float as on TensorRT."""
+    sess = ort_session(proto, threads=threads, config={"session.qdq_matmulnbits_accuracy_level": "0"})
     return run_session(sess, images, batch_size=250)
 
 
-def weights_key(model: torch.nn.Module) -> str:
-    """Short hash of a model's weights (the cache is only valid for the same model)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().float().numpy().tobytes())
-    return h.hexdigest()[:16]
+def preset_config(pname: str) -> QuantConfig:
+    """The config of a grid column: a preset, or ``<preset>-log2`` for its log2-softmax variant."""
+    cfg = preset(pname.removesuffix("-log2"))
+    return cfg.with_(attn_log2=True, name=pname) if pname.endswith("-log2") else cfg
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 class CellCache:
     """Finished cells as one JSON file each, calibration sets as tensors; all writes atomic.
 
-    Layout: ``<cache>/<model>-<weights hash>/calib-<source>-<seed>-n<samples>-i<iters>.pt`` (shared by every
-    grid on that model) and ``.../cells-<settings hash>/cell-<preset>-<source>-<seed>.json``.
+    Layout: ``<cache>/<model>-<weights fingerprint>/calib-<source>-<seed>-<hash>.pt`` (shared by every grid on
+    that model; the hash covers the sample count, iterations, ``--calib-dir`` and the package version) and
+    ``.../cells-<settings hash>/cell-<preset>-<config hash>-<source>-<seed>.json``, so a changed setting,
+    preset definition or package version never reuses a cell.
     """
 
     def __init__(self, args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module) -> None:
-        self.model_root = Path(args.cache).expanduser() / f"{spec.name}-{weights_key(model)}"
-        settings = {"model": spec.to_dict(), "data": str(Path(args.data).resolve()), "limit": args.limit,
-                    "calib_dir": str(Path(args.calib_dir).resolve()), "num_samples": args.num_samples,
-                    "correct": args.correct, "synth_iters": args.synth_iters,
-                    "reconstruct": args.reconstruct and args.reconstruct_iters}
-        if args.reparam:
-            settings["reparam"] = True
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        self.root = self.model_root / f"cells-{key}"
-        self.calib_tag = f"n{args.num_samples}-i{args.synth_iters or 'default'}"
+        self.model_root = Path(args.cache).expanduser() / f"{spec.name}-{model_fingerprint(model)[:16]}"
+        calib = {"num_samples": args.num_samples, "synth_iters": args.synth_iters, "version": dfq_deploy.__version__,
+                 "calib_dir": str(Path(args.calib_dir).resolve())}
+        settings = {**calib, "model": spec.to_dict(), "data": str(Path(args.data).resolve()), "limit": args.limit,
+                    "correct": args.correct, "reconstruct": args.reconstruct and args.reconstruct_iters,
+                    "reparam": args.reparam}
+        self.root = self.model_root / f"cells-{_short_hash(settings)}"
+        self.calib_tag = _short_hash(calib)
         self.fresh = args.fresh
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _cell(self, preset_name: str, source: str, seed: int) -> Path:
-        return self.root / f"cell-{preset_name}-{source}-{seed}.json"
+    def _cell(self, pname: str, source: str, seed: int) -> Path:
+        cfg = {} if pname == "FP32" else preset_config(pname).to_dict()
+        return self.root / f"cell-{pname}-{_short_hash(cfg)}-{source}-{seed}.json"
 
-    def _calib(self, source: str, seed: int) -> Path:
-        return self.model_root / f"calib-{source}-{seed}-{self.calib_tag}.pt"
-
-    def get_cell(self, preset_name: str, source: str, seed: int) -> dict[str, Any] | None:
-        path = self._cell(preset_name, source, seed)
+    def get_cell(self, pname: str, source: str, seed: int) -> dict[str, Any] | None:
+        path = self._cell(pname, source, seed)
         return None if self.fresh or not path.is_file() else json.loads(path.read_text())
 
     def put_cell(self, cell: dict[str, Any]) -> None:
         atomic_write_json(self._cell(cell["preset"], cell["source"], cell["seed"]), cell)
 
-    def get_calib(self, source: str, seed: int) -> tuple[torch.Tensor, float] | None:
-        path = self._calib(source, seed)
-        if self.fresh or not path.is_file():
-            return None
-        saved = torch.load(path, map_location="cpu")
-        return saved["images"], float(saved["synthesis_s"])
-
-    def put_calib(self, source: str, seed: int, images: torch.Tensor, synth_s: float) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({"images": images, "synthesis_s": synth_s}, buf)
-        atomic_write_bytes(self._calib(source, seed), buf.getvalue())
+    def calib(self, source: str, seed: int, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """The calibration set of (source, seed) and its synthesis time: saved, or made now and saved."""
+        path = self.model_root / f"calib-{source}-{seed}-{self.calib_tag}.pt"
+        if not self.fresh and path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["images"], float(saved["synthesis_s"])
+        t = time.perf_counter()
+        images = make()
+        synth_s = time.perf_counter() - t
+        save_checkpoint(path, {"images": images, "synthesis_s": synth_s})
+        return images, synth_s
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # --random-weights: the same model (and cache) on every run
     spec = ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
     base = create_model(spec)
     dcfg = data_config(base)
@@ -180,7 +177,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     sources = SYNTHESIZERS.names() if args.sources == "all" else args.sources.split(",")
     presets = args.presets.split(",")
     if args.log2:
-        presets += [f"{p}-log2" for p in presets if p in SIMULATED]
+        presets += [f"{p}-log2" for p in presets if p in SIMULATED + EXTRA_SIMULATED]
+    threads = args.threads or torch.get_num_threads()
     cells: list[dict[str, Any]] = []
     held = SYNTHESIZERS.get("noise")(base, CalibRequest(args.num_samples, 10_000, dcfg)).images  # for error reports
 
@@ -192,67 +190,67 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         fp_proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]))
         fp32 = {"preset": "FP32", "source": "-", "seed": 0, "top1": acc(ort_logits(fp_proto, x_eval, args.threads)),
-                "measured_on": "onnxruntime", "times": {"export_s": time.perf_counter() - t}}
+                "measured_on": "onnxruntime", "threads": threads, "times": {"export_s": time.perf_counter() - t}}
         cache.put_cell(fp32)
     cells.append(fp32)
     logger.warning("FP32 (onnxruntime): %.4f", fp32["top1"])
     for source in sources:
+        name, _, variant = source.partition(":")
+        options: dict[str, Any] = parse_model_kwargs(variant.replace("+", ","))
+        if name in METHODS.names():
+            options["progress"] = False
+            if args.synth_iters:
+                options.setdefault("iterations", args.synth_iters)
         for seed in range(args.seeds):
-            todo = [pn for pn in presets if cache.get_cell(pn, source, seed) is None]
-            cells += [cache.get_cell(pn, source, seed) for pn in presets if pn not in todo]
-            if not todo:
-                continue
-            saved = cache.get_calib(source, seed)
-            if saved is None:
-                name, _, variant = source.partition(":")
-                options: dict[str, Any] = parse_model_kwargs(variant.replace("+", ","))
-                if name not in ("noise", "real"):
-                    options["progress"] = False
-                    if args.synth_iters:
-                        options["iterations"] = args.synth_iters
-                t = time.perf_counter()
+
+            def make(name: str = name, seed: int = seed, options: dict[str, Any] = options) -> torch.Tensor:
                 req = CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)
-                calib_images = SYNTHESIZERS.get(name)(base, req).images
-                synth_s = time.perf_counter() - t
-                cache.put_calib(source, seed, calib_images, synth_s)
-            else:
-                calib_images, synth_s = saved
-            for pname in todo:
-                cfg = preset(pname.removesuffix("-log2"))
-                if pname.endswith("-log2"):
-                    cfg = cfg.with_(attn_log2=True, name=pname)
-                model = copy.deepcopy(base)
-                t = time.perf_counter()
-                stages: dict[str, float] = {}
-                corr = quantize_and_correct(model, cfg, calib_images, held, correct=args.correct, seed=seed,
-                                            reparam=args.reparam, reconstruct=args.reconstruct,
-                                            reconstruct_iters=args.reconstruct_iters,
-                                            timings=stages)
-                calib_s = time.perf_counter() - t
-                cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
-                        "times": {"synthesis_s": synth_s, "calibration_s": calib_s, **stages}}
-                if cfg.deployable:
-                    t = time.perf_counter()
-                    proto = to_onnx(model, tuple(dcfg["input_size"]))
-                    cell["times"]["export_s"] = time.perf_counter() - t
-                    cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval, args.threads)), "onnxruntime"
-                else:
-                    logits = run_torch(model, x_eval, batch_size=250)
-                    cell["top1"], cell["measured_on"] = acc(logits), "simulated (pytorch)"
-                cache.put_cell(cell)
+                return SYNTHESIZERS.get(name)(base, req).images
+
+            for pname in presets:
+                cell = cache.get_cell(pname, source, seed)
+                if cell is None:
+                    calib_images, synth_s = cache.calib(source, seed, make)
+                    cell = run_cell(args, base, dcfg, pname, source, seed, calib_images, held, x_eval, acc)
+                    cell["threads"] = threads
+                    cell["times"] = {"synthesis_s": synth_s, **cell["times"]}
+                    cache.put_cell(cell)
+                    logger.warning("%-10s %-7s seed %d: %.4f (%s)", pname, source, seed, cell["top1"],
+                                   cell["measured_on"])
                 cells.append(cell)
-                logger.warning("%-10s %-7s seed %d: %.4f (%s)", pname, source, seed, cell["top1"],
-                               cell["measured_on"])
+    summary = summarize(cells)
     return {
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
         "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct,
         "reconstruct": args.reconstruct and args.reconstruct_iters, "reparam": args.reparam,
-        "synth_iters": args.synth_iters,
-        "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells, "summary": summarize(cells),
-        "gap_closed": gap_closed(summarize(cells)),
+        "synth_iters": args.synth_iters, "threads": threads, "torch": torch.__version__,
+        "dfq_deploy": dfq_deploy.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells,
+        "summary": summary, "gap_closed": gap_closed(summary),
     }
+
+
+def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, Any], pname: str, source: str,
+             seed: int, calib_images: torch.Tensor, held: torch.Tensor, x_eval: torch.Tensor,
+             acc: Callable[[np.ndarray], float]) -> dict[str, Any]:
+    """Quantize a copy of ``base`` with one preset and calibration set; top-1 on the artifact or simulated."""
+    cfg = preset_config(pname)
+    model = copy.deepcopy(base)
+    t = time.perf_counter()
+    stages: dict[str, float] = {}
+    corr = quantize_and_correct(model, cfg, calib_images, held, correct=args.correct, seed=seed,
+                                reparam=args.reparam, reconstruct=args.reconstruct,
+                                reconstruct_iters=args.reconstruct_iters, timings=stages)
+    cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
+            "times": {"calibration_s": time.perf_counter() - t, **stages}}
+    if cfg.deployable:
+        t = time.perf_counter()
+        proto = to_onnx(model, tuple(dcfg["input_size"]))
+        cell["times"]["export_s"] = time.perf_counter() - t
+        cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval, args.threads)), "onnxruntime"
+    else:
+        cell["top1"], cell["measured_on"] = acc(run_torch(model, x_eval, batch_size=250)), "simulated (pytorch)"
+    return cell
 
 
 def gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from dfq_deploy.bench.report import cpu_model
 from dfq_deploy.calib.correction import MODES
 from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, method_options, synthesize
 from dfq_deploy.calib.synth.loop import Stage, get_method, synthesis_mode
@@ -337,16 +338,6 @@ def measure_corrections(
 
 
 # --- the report ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Keep the synthesis loop's per-run INFO lines out of the benchmark log."""
@@ -484,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": cpu_model(),
+        "cpu": cpu_model() or platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
         "model": spec.to_dict(),
         "input_size": list(dcfg["input_size"]),

@@ -7,7 +7,14 @@ Recipe (documented in the README and in the log this writes):
     batch, alpha 0.8 / 1.0) after the warm-up; label smoothing 0.1;
   * optimiser: AdamW (lr 1e-3 at batch 128, betas 0.9/0.999, weight decay 0.05, none on norms/biases/tokens),
     linear warm-up 3 epochs then cosine to 1e-5, gradient clipping at 1.0;
-  * evaluation on ``dev`` (5,000 test images) after every epoch.
+  * evaluation on ``dev`` (5,000 test images) after every epoch;
+  * bfloat16 autocast for forward/backward (``--no-bf16`` for fp32; 1.9x faster on CPUs with AVX512-BF16),
+    fp32 weights and optimiser state.
+
+The shipped weights were made in two phases (both in the shipped training log): 7 epochs of the 50-epoch
+schedule above in fp32 (59.1%), then, in a later session whose machine no longer had that checkpoint,
+``--init-from`` those weights with a new 22-epoch schedule (``--epochs 22 --warmup-epochs 1 --mix-prob 0.3``),
+bf16 autocast. Settings changed on a resume (``--threads``, ``--epochs``) are listed under ``resumes`` in the log.
 
 A checkpoint (model, optimiser, epoch, step, RNG states) is written atomically every ``--ckpt-every`` steps and
 after every epoch into ``--workdir``; running the same command again resumes where it stopped. ``--export``
@@ -15,6 +22,7 @@ writes the best epoch's weights (fp16 safetensors) and the training log into the
 
 Usage:
     python bench/train_teacher.py --epochs 50                # train / resume
+    python bench/train_teacher.py --epochs 22 --warmup-epochs 1 --mix-prob 0.3 --init-from W.safetensors
     python bench/train_teacher.py --export                   # copy best weights + log into dfq_deploy/weights
 """
 
@@ -36,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dfq_deploy.data import default_cifar10, load_images, load_zip_imagefolder
-from dfq_deploy.models import BUNDLED_MODEL, BUNDLED_WEIGHTS, data_config
+from dfq_deploy.models import BUNDLED_MODEL, BUNDLED_WEIGHTS, data_config, load_checkpoint_file
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger("train_teacher")
@@ -169,11 +177,8 @@ def main() -> None:
     epoch, step_in_epoch, best_acc = 0, 0, 0.0
     log: dict = {"recipe": vars(args), "epochs": [], "wall_seconds": 0.0}
     if args.init_from and not (workdir / "last.pt").is_file():
-        from safetensors.torch import load_file
-
         init = Path(args.init_from)
-        state = load_file(init) if init.suffix == ".safetensors" else torch.load(init, map_location="cpu")
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        model.load_state_dict({k: v.float() for k, v in load_checkpoint_file(init).items()})
         logger.info("initialised from %s", init)
         init_log = init.with_name(init.name.split(".")[0] + ".log.json")
         if init_log.is_file():  # keep the earlier phase's history in this run's log
@@ -185,8 +190,8 @@ def main() -> None:
         opt.load_state_dict(ckpt["opt"])
         epoch, step_in_epoch, best_acc = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_acc"]
         log = ckpt["log"]
-        if log["recipe"] != vars(args):  # settings changed on resume (e.g. a shorter schedule): keep the history
-            changed = {k: v for k, v in vars(args).items() if log["recipe"].get(k) != v}
+        if log["recipe"] != vars(args):  # settings changed on resume: keep [old, new] in the history
+            changed = {k: [log["recipe"].get(k), v] for k, v in vars(args).items() if log["recipe"].get(k) != v}
             log.setdefault("resumes", []).append({"epoch": epoch, "step_in_epoch": step_in_epoch, "changed": changed})
             log["recipe"] = vars(args)
         logger.info("resumed at epoch %d step %d (best dev top-1 %.4f)", epoch, step_in_epoch, best_acc)

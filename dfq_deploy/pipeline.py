@@ -24,7 +24,7 @@ from dfq_deploy.calib.fold import fold_corrections_
 from dfq_deploy.calib.qmodel import batches_loop, quantize
 from dfq_deploy.calib.reconstruct import reconstruct_
 from dfq_deploy.calib.reparam import reparam_layernorm_
-from dfq_deploy.calib.synth import CalibRequest, get_source, load_synth_dir
+from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, load_synth_dir
 from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, QuantConfig, preset_for_bits
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
@@ -161,7 +161,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         calib = load_synth_dir(opts.calib_from, dcfg)
     else:
         options: dict[str, Any] = {}
-        if source not in CHEAP_SOURCES:
+        if source in METHODS.names():
             options["progress"] = opts.progress
             if opts.synth_iters is not None:
                 options["iterations"] = opts.synth_iters

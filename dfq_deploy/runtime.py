@@ -685,7 +685,8 @@ def _torch_dtype(dtype: np.dtype) -> Any:
 
 
 # --- ONNX Runtime -----------------------------------------------------------------------------------------
-def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bool = True, gpu: bool = False):
+def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bool = True, gpu: bool = False,
+                config: dict[str, str] | None = None):
     """An ONNX Runtime ``InferenceSession``.
 
     Args:
@@ -695,6 +696,7 @@ def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bo
             ORT's fused integer kernels round differently).
         gpu: also request the TensorRT and CUDA execution providers, in that order, where this ONNX Runtime
             build has them (a warning names the ones it lacks); CPU is always the last provider.
+        config: extra session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
 
     Raises:
         DfqError: the file is missing or ONNX Runtime cannot load it.
@@ -717,6 +719,8 @@ def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bo
         if threads < 1:
             raise DfqError(f"threads {threads} must be >= 1")
         so.intra_op_num_threads = int(threads)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     providers = ["CPUExecutionProvider"]
     if gpu:
         available = set(ort.get_available_providers())

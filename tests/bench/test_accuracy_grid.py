@@ -52,3 +52,24 @@ def test_smoke_grid(tmp_path):
                       "--data", str(data), "--calib-dir", str(data), "--sources", "noise,real",
                       "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
     assert again["cells"] == result["cells"]  # wall times included: nothing was recomputed
+
+    # A changed setting misses the cache; a source variant passes its options to the synthesizer.
+    other = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs, "--checkpoint", str(ckpt),
+                      "--data", str(data), "--calib-dir", str(data), "--sources", "noise,psaq:kde_points=8",
+                      "--correct", "bias", "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    cells = {(c["preset"], c["source"]): c for c in other["cells"]}
+    assert cells[("W4A16", "noise")]["correct"] == "bias" and cells[("W4A16", "noise")] != \
+        next(c for c in result["cells"] if (c["preset"], c["source"]) == ("W4A16", "noise"))
+    assert ("W4A4", "psaq:kde_points=8") in cells
+    assert len(list((tmp_path / "cache").glob("*/calib-psaq:kde_points=8-0-*.pt"))) == 1
+
+
+def test_gap_closed():
+    mod = _load()
+    rows = [{"preset": "W4A4", "source": s, "top1_mean": v}
+            for s, v in [("noise", 0.50), ("real", 0.70), ("spdfq", 0.66), ("psaq", 0.55)]]
+    rows.append({"preset": "W8A8", "source": "noise", "top1_mean": 0.7})  # no real cell: no gap
+    got = {(g["preset"], g["source"]): g for g in mod.gap_closed(rows)}
+    assert set(got) == {("W4A4", "spdfq"), ("W4A4", "psaq")}
+    assert abs(got[("W4A4", "spdfq")]["closed"] - 0.8) < 1e-9 and abs(got[("W4A4", "psaq")]["closed"] - 0.25) < 1e-9
+    assert abs(got[("W4A4", "psaq")]["noise_to_real_gap"] - 0.2) < 1e-9

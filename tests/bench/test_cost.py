@@ -58,10 +58,13 @@ def test_cost_on_a_tiny_model(tmp_path):
     assert result["synthesis"]["psaq"]["ratio"] == synth["psaq"]["ratio"]
 
 
-def test_memory_worker_reports_peak_rss():
+def test_memory_is_measured_in_fresh_processes():
     mod = _load()
-    out = mod.main(["--memory-worker", "spdfq-msr-on", "--memory-model", "deit_t", "--memory-model-kwargs",
-                    "img_size=32,patch_size=4,depth=1,num_classes=10", "--memory-num-samples", "2",
-                    "--memory-iters", "2", "--threads", "1"])
-    assert out["peak_rss_mb"] >= out["rss_after_model_mb"] > 0
-    assert out["peak_minus_model_mb"] >= 0 and out["input_size"] == [3, 32, 32]
+    args = mod.parse_args(["--memory-model", "deit_t", "--memory-model-kwargs",
+                           "img_size=32,patch_size=4,depth=1,num_classes=10", "--memory-num-samples", "2",
+                           "--memory-iters", "2", "--threads", "1"])
+    result = mod.measure_memory([v for v in mod.variants() if v.key == "spdfq-msr-on"], args)
+    assert set(result["variants"]) == {"baseline", "spdfq-msr-on"}
+    for out in result["variants"].values():
+        assert "error" not in out, out
+        assert out["peak_rss_mb"] >= out["rss_after_model_mb"] > 0 and out["input_size"] == [3, 32, 32]
