@@ -127,7 +127,7 @@ def _sim(name: str, w: int, a: int) -> QuantConfig:
 
 #: ``export``'s calibration source: the data-free method that did best in the accuracy benchmark
 #: (``bench/results/accuracy-deit_tiny_cifar10.md``).
-DEFAULT_CALIB = "spdfq"
+DEFAULT_CALIB = "dfqvit"
 #: Synthesis iterations ``export`` runs in-process by default: the setting the accuracy benchmark measures.
 #: Longer runs: ``dfq-deploy synth --iters K`` and ``export --calib-from``.
 DEFAULT_SYNTH_ITERS = 200

@@ -108,5 +108,9 @@ def test_w8a8_fold_matches_layer_by_layer(tiny_model):
         for name, lin in quant_linears(tiny_model):
             assert torch.allclose(lin(inputs[name]), pending[name], atol=1e-5, rtol=1e-5), name
         folded_logits = tiny_model(x)
+    # End to end, a folded bias can move an INT8 activation across a rounding boundary: a few single-step
+    # flips, each moving this random model's logits by ~1e-3 of their range (seen: mean 1.6e-3 when float
+    # summation order changed with the tests run before). A wrong fold moves them by far more.
     diff = (pending_logits - folded_logits).abs()
-    assert diff.mean() < 1e-3 * pending_logits.abs().max()
+    assert diff.mean() < 5e-3 * pending_logits.abs().max()
+    assert (pending_logits.argmax(-1) == folded_logits.argmax(-1)).float().mean() >= 0.9
