@@ -137,7 +137,7 @@ class CellCache:
         self.root = self.model_root / f"cells-{_short_hash(settings)}"
         self.calib_tag = _short_hash(calib)
         self.fresh = args.fresh
-        self._made: set[Path] = set()
+        self._calibs: dict[Path, tuple[torch.Tensor, float]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _cell(self, pname: str, source: str, seed: int) -> Path:
@@ -154,15 +154,16 @@ class CellCache:
     def calib(self, source: str, seed: int, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
         """The calibration set of (source, seed) and its synthesis time: saved, or made now and saved."""
         path = self.model_root / f"calib-{source}-{seed}-{self.calib_tag}.pt"
-        if (not self.fresh or path in self._made) and path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return saved["images"], float(saved["synthesis_s"])
-        t = time.perf_counter()
-        images = make()
-        synth_s = time.perf_counter() - t
-        save_checkpoint(path, {"images": images, "synthesis_s": synth_s})
-        self._made.add(path)  # --fresh: made once per run, then reused by the other presets
-        return images, synth_s
+        if path not in self._calibs:  # made (or read) once per run, shared by every preset
+            if not self.fresh and path.is_file():
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                self._calibs[path] = saved["images"], float(saved["synthesis_s"])
+            else:
+                t = time.perf_counter()
+                images = make()
+                self._calibs[path] = images, time.perf_counter() - t
+                save_checkpoint(path, {"images": images, "synthesis_s": self._calibs[path][1]})
+        return self._calibs[path]
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
