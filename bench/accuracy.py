@@ -40,7 +40,7 @@ import torch
 
 import dfq_deploy
 from dfq_deploy.calib.synth import METHODS, SYNTHESIZERS, CalibRequest
-from dfq_deploy.calib.synth.loop import model_fingerprint, save_checkpoint
+from dfq_deploy.calib.synth.loop import SYNTH_REVISION, model_fingerprint, save_checkpoint
 from dfq_deploy.config import QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
@@ -122,16 +122,17 @@ class CellCache:
     """Finished cells as one JSON file each, calibration sets as tensors; all writes atomic.
 
     Layout: ``<cache>/<model>-<weights fingerprint>/calib-<source>-<seed>-<hash>.pt`` (shared by every grid on
-    that model; the hash covers the sample count, iterations, ``--calib-dir`` and the package version) and
-    ``.../cells-<settings hash>/cell-<preset>-<config hash>-<source>-<seed>.json``, so a changed setting,
-    preset definition or package version never reuses a cell.
+    that model; the hash covers the sample count, iterations, ``--calib-dir`` and ``SYNTH_REVISION``) and
+    ``.../cells-<settings hash>/cell-<preset>-<config hash>-<source>-<seed>.json`` (the settings hash also covers
+    the package version), so a changed setting, preset definition or package version never reuses a cell.
     """
 
     def __init__(self, args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module) -> None:
         self.model_root = Path(args.cache).expanduser() / f"{spec.name}-{model_fingerprint(model)[:16]}"
-        calib = {"num_samples": args.num_samples, "synth_iters": args.synth_iters, "version": dfq_deploy.__version__,
+        calib = {"num_samples": args.num_samples, "synth_iters": args.synth_iters, "version": SYNTH_REVISION,
                  "calib_dir": str(Path(args.calib_dir).resolve())}
-        settings = {**calib, "model": spec.to_dict(), "data": str(Path(args.data).resolve()), "limit": args.limit,
+        settings = {**calib, "package": dfq_deploy.__version__, "model": spec.to_dict(),
+                    "data": str(Path(args.data).resolve()), "limit": args.limit,
                     "correct": args.correct, "reconstruct": args.reconstruct and args.reconstruct_iters,
                     "reparam": args.reparam}
         self.root = self.model_root / f"cells-{_short_hash(settings)}"
@@ -166,6 +167,22 @@ class CellCache:
         return self._calibs[path]
 
 
+def calib_maker(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, Any], source: str,
+                seed: int) -> Callable[[], torch.Tensor]:
+    """A function that makes the calibration set of ``source`` (``NAME`` or ``NAME:key=value+...``) and seed."""
+    name, _, variant = source.partition(":")
+    options: dict[str, Any] = parse_model_kwargs(variant.replace("+", ","))
+    if name in METHODS.names():
+        options["progress"] = False
+        if args.synth_iters:
+            options.setdefault("iterations", args.synth_iters)
+
+    def make() -> torch.Tensor:
+        return SYNTHESIZERS.get(name)(base, CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)).images
+
+    return make
+
+
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,22 +215,11 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     cells.append(fp32)
     logger.warning("FP32 (onnxruntime): %.4f", fp32["top1"])
     for source in sources:
-        name, _, variant = source.partition(":")
-        options: dict[str, Any] = parse_model_kwargs(variant.replace("+", ","))
-        if name in METHODS.names():
-            options["progress"] = False
-            if args.synth_iters:
-                options.setdefault("iterations", args.synth_iters)
         for seed in range(args.seeds):
-
-            def make(name: str = name, seed: int = seed, options: dict[str, Any] = options) -> torch.Tensor:
-                req = CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)
-                return SYNTHESIZERS.get(name)(base, req).images
-
             for pname in presets:
                 cell = cache.get_cell(pname, source, seed)
                 if cell is None:
-                    calib_images, synth_s = cache.calib(source, seed, make)
+                    calib_images, synth_s = cache.calib(source, seed, calib_maker(args, base, dcfg, source, seed))
                     cell = run_cell(args, base, dcfg, pname, source, seed, calib_images, held, x_eval, acc)
                     cell["threads"] = threads
                     cell["times"] = {"synthesis_s": synth_s, **cell["times"]}

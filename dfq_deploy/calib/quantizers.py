@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 RESERVOIR = 1 << 20
 _CLIP_CANDIDATES = 80
 _MSE_SAMPLES = 1 << 16
+OBSERVER_SEED = 1234  # seed of each activation quantizer's reservoir sampling
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -153,6 +154,7 @@ class ActQuantizer(nn.Module):
         self._samples: list[torch.Tensor] = []
         self._count = 0
         self._amax = 0.0
+        self._gen: torch.Generator | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -160,6 +162,14 @@ class ActQuantizer(nn.Module):
 
     def reset_observer(self) -> None:
         self._samples, self._count, self._amax = [], 0, 0.0
+        self._gen = None
+
+    def _observer_gen(self) -> torch.Generator:
+        """This quantizer's own sampling generator, fresh for each observing phase, so that the scale depends
+        only on the values this quantizer saw (not on what other quantizers or earlier runs drew)."""
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(OBSERVER_SEED)
+        return self._gen
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -167,12 +177,12 @@ class ActQuantizer(nn.Module):
         self._amax = max(self._amax, float(flat.abs().max()))
         take = min(flat.numel(), RESERVOIR // 8)
         if take < flat.numel():
-            flat = flat[torch.randint(0, flat.numel(), (take,), generator=_observer_gen())]
+            flat = flat[torch.randint(0, flat.numel(), (take,), generator=self._observer_gen())]
         self._samples.append(flat)
         self._count += flat.numel()
         if self._count > 2 * RESERVOIR:  # thin the reservoir
             allv = torch.cat(self._samples)
-            self._samples = [allv[torch.randperm(allv.numel(), generator=_observer_gen())[:RESERVOIR]]]
+            self._samples = [allv[torch.randperm(allv.numel(), generator=self._observer_gen())[:RESERVOIR]]]
             self._count = RESERVOIR
 
     @torch.no_grad()
@@ -183,7 +193,7 @@ class ActQuantizer(nn.Module):
         values = torch.cat(self._samples)
         if self.method == "mse" and values.numel() > _MSE_SAMPLES:  # the MSE search needs far fewer values
             extremes = torch.stack([values.min(), values.max()])
-            values = torch.cat([values[torch.randperm(values.numel(), generator=_observer_gen())[:_MSE_SAMPLES]],
+            values = torch.cat([values[torch.randperm(values.numel(), generator=self._observer_gen())[:_MSE_SAMPLES]],
                                 extremes])
         if self.log2:
             self.scale = torch.tensor(1.0)
@@ -209,13 +219,3 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}{', log2' if self.log2 else ''}"
 
-
-_GEN: torch.Generator | None = None
-
-
-def _observer_gen() -> torch.Generator:
-    """A private generator so that observing does not consume the global RNG stream."""
-    global _GEN
-    if _GEN is None:
-        _GEN = torch.Generator().manual_seed(1234)
-    return _GEN

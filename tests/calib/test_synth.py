@@ -338,3 +338,43 @@ def test_loss_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkey
         assert write_loss_plot(history, tmp_path / "loss.png") is None
     assert "matplotlib is not installed" in caplog.text
     assert not Path(tmp_path / "loss.png").exists()
+
+
+def test_dfqvit_builtin_student_resumes_inside_the_hard_stage(model, cfg, tmp_path):
+    # hard stage 10..19 with refresh every 4 steps: stop at 16, between two refits, so the resumed run must
+    # take the student's scales from the checkpoint to match
+    opts = small(iterations=20, hard_frac=0.5, global_frac=0.2, hard_student="W4A4", student_refresh=4)
+    full = synthesize(model, cfg, "dfqvit", opts, progress=False)
+    assert [s["name"] for s in full.info["stages"]] == ["global", "detail", "hard"]
+    assert full.info["student"] == "W4A4"
+    ckpt = tmp_path / "checkpoint.pt"
+    synthesize(model, cfg, "dfqvit", opts, progress=False, checkpoint_path=ckpt, checkpoint_every=0, stop_after=16)
+    scales = load_checkpoint(ckpt)["state"]["student.scales"]
+    assert scales.numel() > 0 and bool((scales > 0).all())
+    rest = synthesize(model, cfg, "dfqvit", opts, progress=False, checkpoint_path=ckpt, resume=True)
+    assert torch.equal(rest.images, full.images)
+    assert rest.history == full.history
+
+
+def test_dfqvit_hard_student_must_name_a_quantization(model, cfg):
+    with pytest.raises(DfqError, match="W9A9"):
+        synthesize(model, cfg, "dfqvit", small(hard_student="W9A9"), progress=False)
+
+
+def test_dfqvit_adversarial_hard_stage_raises_the_students_disagreement(model, cfg):
+    from dfq_deploy.calib.synth.dfqvit import QuantStudent, student_config
+
+    student = QuantStudent(model, student_config("W4A3"))  # a fixed student: ranges from noise images
+    student.calibrate(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+
+    def disagreement(images: torch.Tensor) -> float:
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(images), -1)
+            log_q = torch.log_softmax(student(images), -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    base = small(iterations=16, hard_frac=0.5, global_frac=0.0, student=student)
+    plain = synthesize(model, cfg, "dfqvit", base, progress=False)
+    adv = synthesize(model, cfg, "dfqvit", {**base, "hard_adversarial": 5.0}, progress=False)
+    assert "adversarial" in adv.history[-1] and "adversarial" not in plain.history[-1]
+    assert disagreement(adv.images) > 1.5 * disagreement(plain.images)

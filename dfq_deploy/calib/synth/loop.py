@@ -50,6 +50,9 @@ from dfq_deploy.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
+#: Bump when the images a synthesizer makes for given options change (benchmark caches key on it). It started at
+#: the package version it was split from.
+SYNTH_REVISION = "0.1.0"
 CHECKPOINT_FORMAT = "dfq-synth-checkpoint"
 CHECKPOINT_VERSION = 1
 LR_VIT = 0.2
