@@ -373,8 +373,9 @@ def test_dfqvit_adversarial_hard_stage_raises_the_students_disagreement(model, c
             log_q = torch.log_softmax(student(images), -1)
         return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
-    base = small(iterations=16, hard_frac=0.5, global_frac=0.0, student=student)
+    # a still objective (no jitter/flip) and 18 hard steps: the KL goes from ~0.2 to ~8 on random models
+    base = small(iterations=24, hard_frac=0.75, global_frac=0.0, student=student, jitter=0, flip=False)
     plain = synthesize(model, cfg, "dfqvit", base, progress=False)
     adv = synthesize(model, cfg, "dfqvit", {**base, "hard_adversarial": 5.0}, progress=False)
     assert "adversarial" in adv.history[-1] and "adversarial" not in plain.history[-1]
-    assert disagreement(adv.images) > 1.5 * disagreement(plain.images)
+    assert disagreement(adv.images) > 5 * disagreement(plain.images)

@@ -63,6 +63,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq_deploy.calib.qmodel import (
+    act_quantizers,
+    batches_loop,
+    calibrate_activations_,
+    calibrate_weights_,
+    prepare_,
+    set_quant_enabled_,
+)
 from dfq_deploy.calib.synth.attn import AttentionTaps
 from dfq_deploy.calib.synth.loop import (
     Stage,
@@ -175,8 +183,6 @@ class QuantStudent:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig) -> None:
-        from dfq_deploy.calib.qmodel import act_quantizers, calibrate_weights_, prepare_, set_quant_enabled_
-
         self.config = config
         self.model = prepare_(copy.deepcopy(model).eval(), config)
         calibrate_weights_(self.model)
@@ -186,8 +192,6 @@ class QuantStudent:
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> torch.Tensor:
         """Fit the activation ranges on ``images``; returns the scales (for checkpoints)."""
-        from dfq_deploy.calib.qmodel import batches_loop, calibrate_activations_
-
         if not self.quantizers:
             return torch.zeros(0)
         calibrate_activations_(self.model, batches_loop(images, batch_size=len(images)))
@@ -237,11 +241,15 @@ def detail_targets(labels: torch.Tensor, num_classes: int, opts: DfqvitOptions, 
     return t.scatter_add(1, labels[:, None], main[:, None])
 
 
+def logit_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``KL(softmax(p) || softmax(q))``."""
+    log_p = F.log_softmax(p_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - F.log_softmax(q_logits.float(), dim=-1))).sum(dim=-1)
+
+
 def disagreement_weights(fp_logits: torch.Tensor, student_logits: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-image weights (mean 1) growing with ``KL(p_fp || p_student)``: ``1 + gamma * KL / mean(KL)``."""
-    log_p = F.log_softmax(fp_logits.float(), dim=-1)
-    log_q = F.log_softmax(student_logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+    kl = logit_kl(fp_logits, student_logits).clamp_min(0.0)
     w = 1.0 + gamma * kl / kl.mean().clamp_min(1e-12)
     return w / w.mean()
 
@@ -362,9 +370,7 @@ class Dfqvit(SynthMethod):
             student_logits = ctx["student"](views)
             if not student_logits.requires_grad:
                 raise DfqError("hard_adversarial needs a student whose logits carry a gradient to the images")
-            log_p = F.log_softmax(logits, dim=-1)
-            kl = (log_p.exp() * (log_p - F.log_softmax(student_logits, dim=-1))).sum(dim=-1)
-            terms["adversarial"] = -o.hard_adversarial * kl.mean()
+            terms["adversarial"] = -o.hard_adversarial * logit_kl(logits, student_logits).mean()
         return terms
 
     def end_chunk(self) -> None:
