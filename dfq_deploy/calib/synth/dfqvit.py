@@ -183,7 +183,6 @@ class QuantStudent:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig) -> None:
-        self.config = config
         self.model = prepare_(copy.deepcopy(model).eval(), config)
         calibrate_weights_(self.model)
         set_quant_enabled_(self.model, True)
