@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in range(args.seeds):
             sets = {"real": calib("real", seed), method: calib(method, seed)}
             for r in ("real", method):
+                ranged = quantize(copy.deepcopy(base), cfg, batches_loop(sets[r]))  # once per range source
                 for c in ("none", "real", method):
                     t = time.perf_counter()
-                    q = quantize(copy.deepcopy(base), cfg, batches_loop(sets[r]))
+                    q = copy.deepcopy(ranged)
                     if c != "none":
                         fit_corrections_(q, base, sets[c], "diag", seed=seed)
                         fold_corrections_(q)
