@@ -122,7 +122,8 @@ class CellCache:
     """Finished cells as one JSON file each, calibration sets as tensors; all writes atomic.
 
     Layout: ``<cache>/<model>-<weights fingerprint>/calib-<source>-<seed>-<hash>.pt`` (shared by every grid on
-    that model; the hash covers the sample count, iterations, ``--calib-dir`` and ``SYNTH_REVISION``) and
+    that model; the hash covers the sample count, iterations, ``--calib-dir`` and ``SYNTH_REVISION``, and the
+    source carries its method's revision, see :meth:`source_key`) and
     ``.../cells-<settings hash>/cell-<preset>-<config hash>-<source>-<seed>.json`` (the settings hash also covers
     the package version), so a changed setting, preset definition or package version never reuses a cell.
     """
@@ -141,9 +142,16 @@ class CellCache:
         self._calibs: dict[Path, tuple[torch.Tensor, float]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def source_key(source: str) -> str:
+        """``source`` in file names: with ``@r<N>`` once its method's :attr:`SynthMethod.revision` is N > 0."""
+        name = source.partition(":")[0]
+        revision = METHODS.get(name).revision if name in METHODS.names() else 0
+        return f"{source}@r{revision}" if revision else source
+
     def _cell(self, pname: str, source: str, seed: int) -> Path:
         cfg = {} if pname == "FP32" else preset_config(pname).to_dict()
-        return self.root / f"cell-{pname}-{_short_hash(cfg)}-{source}-{seed}.json"
+        return self.root / f"cell-{pname}-{_short_hash(cfg)}-{self.source_key(source)}-{seed}.json"
 
     def get_cell(self, pname: str, source: str, seed: int) -> dict[str, Any] | None:
         path = self._cell(pname, source, seed)
@@ -154,7 +162,7 @@ class CellCache:
 
     def calib(self, source: str, seed: int, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
         """The calibration set of (source, seed) and its synthesis time: saved, or made now and saved."""
-        path = self.model_root / f"calib-{source}-{seed}-{self.calib_tag}.pt"
+        path = self.model_root / f"calib-{self.source_key(source)}-{seed}-{self.calib_tag}.pt"
         if path not in self._calibs:  # made (or read) once per run, shared by every preset
             if not self.fresh and path.is_file():
                 saved = torch.load(path, map_location="cpu", weights_only=True)

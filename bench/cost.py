@@ -87,14 +87,18 @@ class Variant:
 
 
 def variants() -> list[Variant]:
-    """Every registered synthesis method; ``spdfq`` with Multi-Semantic Reinforcement off and on."""
+    """Every registered synthesis method; ``spdfq`` with Multi-Semantic Reinforcement off, on (one crop per image
+    and step, the default) and with all of an image's crops every step."""
     out = []
     for name in ("psaq", "spdfq", "dfqvit", *METHODS.names()):
         if any(v.method == name for v in out):
             continue
         if name == "spdfq":
             out.append(Variant("spdfq-msr-off", "spdfq", {"msr": False}, "SpdfqOptions.msr=False"))
-            out.append(Variant("spdfq-msr-on", "spdfq", {"msr": True}, "SpdfqOptions.msr=True (default)"))
+            out.append(Variant("spdfq-msr-on", "spdfq", {"msr": True},
+                               "SpdfqOptions.msr=True, crops_per_step=1 (default: one crop per image and step)"))
+            out.append(Variant("spdfq-msr-all", "spdfq", {"msr": True, "crops_per_step": 0},
+                               "SpdfqOptions.crops_per_step=0: all m ~ U{1..4} crops of each image every step"))
         else:
             out.append(Variant(name, name))
     return out

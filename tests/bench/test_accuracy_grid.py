@@ -73,3 +73,14 @@ def test_gap_closed():
     assert set(got) == {("W4A4", "spdfq"), ("W4A4", "psaq")}
     assert abs(got[("W4A4", "spdfq")]["closed"] - 0.8) < 1e-9 and abs(got[("W4A4", "psaq")]["closed"] - 0.25) < 1e-9
     assert abs(got[("W4A4", "psaq")]["noise_to_real_gap"] - 0.2) < 1e-9
+
+
+def test_cached_sets_carry_the_method_revision(monkeypatch):
+    from dfq_deploy.calib.synth import METHODS
+
+    key = _load().CellCache.source_key
+    assert key("noise") == "noise" and key("real") == "real"  # not synthesis methods: no revision
+    assert key("psaq") == "psaq"  # revision 0 keeps the names of sets cached before revisions existed
+    assert key("spdfq") == "spdfq@r1" and key("spdfq:msr=false") == "spdfq:msr=false@r1"
+    monkeypatch.setattr(METHODS.get("psaq"), "revision", 3)
+    assert key("psaq:kde_points=8") == "psaq:kde_points=8@r3"  # a bumped default never reuses an old set

@@ -39,8 +39,9 @@ def test_cost_on_a_tiny_model(tmp_path):
     assert saved["command"].startswith("python bench/cost.py --model deit_t")
     assert saved["note"] == "test" and saved["threads"] == 1 and saved["memory"] is None
     synth = saved["synthesis"]
-    assert set(synth) == {"psaq", "spdfq-msr-off", "spdfq-msr-on", "dfqvit"}
+    assert set(synth) == {"psaq", "spdfq-msr-off", "spdfq-msr-on", "spdfq-msr-all", "dfqvit"}
     assert synth["spdfq-msr-off"]["options"] == {"msr": False}
+    assert synth["spdfq-msr-all"]["options"] == {"msr": True, "crops_per_step": 0}
     for s in synth.values():
         assert s["s_per_it"] > 0 and s["baseline_s_per_it"] > 0 and s["ratio"] > 0
         assert s["images_x_iters_per_s"] > 0 and s["synthesis_s_at_default_iterations"] > 0

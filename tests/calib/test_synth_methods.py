@@ -16,6 +16,7 @@ from dfq_deploy.calib.synth.spdfq import (
     crop_views,
     default_alpha1,
     flip_prior,
+    pick_semantics,
     random_attention_priors,
     sample_crop_boxes,
     soft_targets,
@@ -276,9 +277,9 @@ def test_msr_crops_are_disjoint_and_gradients_stay_inside():
         assert (torch.stack(masks).sum(0) <= 1).all()  # no pixel in two crops
 
     images = torch.randn(3, 3, 32, 30, requires_grad=True)
-    counts = torch.tensor([4, 1, 2])
+    select = pick_semantics(torch.tensor([4, 1, 2]), 4, 0, gen)  # all of them
     flips = torch.tensor([[True, False, True, False]] * 3)
-    crops, owner, slot = crop_views(images, boxes[:3], counts, flips)
+    crops, owner, slot = crop_views(images, boxes[:3], select, flips)
     assert crops.shape == (7, 3, 32, 30)
     assert owner.tolist() == [0, 0, 0, 0, 1, 2, 2] and slot.tolist() == [0, 1, 2, 3, 0, 0, 1]
     for k in range(len(crops)):
@@ -289,6 +290,83 @@ def test_msr_crops_are_disjoint_and_gradients_stay_inside():
         inside[i, :, y0:y1, x0:x1] = True
         assert grad[~inside].abs().max() == 0  # nothing outside the crop of that image
         assert grad[inside].abs().min() > 0
+
+
+def test_pick_semantics_is_uniform_over_an_images_own_semantics():
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([1, 2, 3, 4] * 500)
+    for per_step in (1, 2):
+        hits = torch.zeros(len(counts), 4)
+        for _ in range(40):
+            sel = pick_semantics(counts, 4, per_step, gen)
+            assert (sel.sum(1) == counts.clamp(max=per_step)).all()  # min(per_step, m) crops per image
+            assert not sel[torch.arange(4)[None, :] >= counts[:, None]].any()  # never a slot beyond m
+            hits += sel
+        for m in (2, 3, 4):  # every own slot equally often: P = min(k, m) / m
+            share = hits[counts == m][:, :m].sum(0) / (40 * 500)
+            assert torch.allclose(share, torch.full((m,), min(per_step, m) / m), atol=0.03)
+    state = gen.get_state()
+    assert pick_semantics(counts, 4, 0, gen).equal(torch.arange(4)[None, :] < counts[:, None])
+    assert gen.get_state().equal(state)  # all crops: no draw, so old runs replay exactly
+
+
+def test_one_crop_per_step_is_an_unbiased_estimate_of_the_all_crops_loss(vit):
+    from dfq_deploy.calib.synth.loop import synthesis_mode
+    from dfq_deploy.calib.synth.spdfq import Spdfq, SpdfqOptions
+
+    n = 6
+    images = torch.randn(n, 3, 32, 32)
+    with synthesis_mode(vit):
+        m = Spdfq(vit, data_config(vit), SpdfqOptions(num_samples=n, alpha1=0.0))
+        m.init_state(torch.Generator().manual_seed(0))
+        sem = m.state["semantics"]
+        ctx = {**m.step_context(0, m.stages()[0], images, torch.Generator().manual_seed(1)), "augment": (0, False)}
+        assert ctx["select"].sum(1).tolist() == [1] * n  # default: one crop per image
+        off = Spdfq(vit, data_config(vit), SpdfqOptions(num_samples=n, alpha1=0.0, msr=False))
+        off.init_state(torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        assert off.step_context(0, off.stages()[0], images, gen)["select"] is None
+        only_boxes = torch.Generator().manual_seed(1)  # without crops: the draws of revision 0, nothing more
+        sample_crop_boxes(off.state["quadrants"], (32, 32), off.opts.crop_scale, only_boxes)
+        torch.rand(off.state["quadrants"].shape, generator=only_boxes)
+        assert gen.get_state().equal(only_boxes.get_state())
+
+        def msr(select: torch.Tensor) -> torch.Tensor:
+            batches = []
+            forward = m.model.forward
+            m.model.forward = lambda x: (batches.append(x.shape[0]), forward(x))[1]
+            try:
+                with m.taps():
+                    value = m.losses(images, images, slice(0, n), 0, m.stages()[0], {**ctx, "select": select})["msr"]
+            finally:
+                del m.model.forward
+            assert batches == [n + int(select.sum())]  # the crops fed are the extra images, nothing more
+            return value
+
+        full = msr(torch.arange(4)[None, :] < sem[:, None])
+        # every choice of the single crop, weighted by its probability 1/m, averages to the all-crops loss
+        expected = torch.zeros(())
+        for j in range(4):
+            pick = torch.minimum(torch.full_like(sem, j), sem - 1)  # images with m <= j repeat their last slot
+            select = torch.arange(4)[None, :] == pick[:, None]
+            weight = torch.where(j < sem, 1.0 / sem.float(), 0.0)  # ... but those repeats weigh 0
+            per_image = msr_per_image(m, images, select, ctx)
+            expected = expected + (weight * per_image).sum() / n
+        assert torch.isclose(full, expected, rtol=1e-5)
+
+
+def msr_per_image(m, images: torch.Tensor, select: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """The per-image MSR loss for one crop per image (its mean is the method's "msr" term)."""
+    n = images.shape[0]
+    values = []
+    for i in range(n):
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[i] = True
+        with m.taps():
+            one = m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
+                           {**ctx, "select": select & keep[:, None]})["msr"]
+        values.append(one)
+    return torch.stack(values)
 
 
 def test_soft_targets_raise_the_chosen_classes():

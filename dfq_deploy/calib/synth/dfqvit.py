@@ -44,10 +44,11 @@ skipped and detail runs to the end. The final targets are the detail-stage targe
 activation scales are part of the method state, so a run resumed inside the hard stage continues with the
 same student.
 
-Measured on the bundled model (README, "What the synthesis methods do"): over 10 seeds the global stage gains
-0.41 +- 0.19 points (standard error of the paired difference) at W4A4 and 0.7-0.9 +- 0.7-0.8 at 3-bit
-activations, and costs 0.18 +- 0.07 at W2A16; the hard stage (student reweighting) changes nothing measurable
-over 5 seeds and the adversarial term lowered accuracy in a 2-seed probe, so neither is on by default.
+Measured on the bundled model (README, "What the synthesis methods do"): over 20 seeds the global stage gains
+0.39 +- 0.14 points (standard error of the paired difference; seeds 0-9 +0.41, seeds 10-19 +0.37) at W4A4,
+0.3-0.7 +- 0.5 at 3-bit activations, and costs 0.23 +- 0.08 at W2A16 (weight-only: use ``global_frac=0``
+there); the hard stage (student reweighting) changes nothing measurable over 5 seeds and the adversarial term
+lowered accuracy in a 2-seed probe, so neither is on by default.
 """
 
 from __future__ import annotations

@@ -276,6 +276,9 @@ class SynthMethod:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[SynthOptions]] = SynthOptions
+    #: Bump when a change of this method's defaults changes the images it makes; benchmark caches key on it
+    #: (together with :data:`SYNTH_REVISION`, which covers the shared loop).
+    revision: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module, data_cfg: dict[str, Any], opts: SynthOptions) -> None:
         self.model = model
