@@ -21,7 +21,7 @@ def _load():
     return mod
 
 
-def test_smoke_grid(tmp_path):
+def test_smoke_grid(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
     mod = _load()
     kwargs = "img_size=32,patch_size=4,depth=1,num_classes=10"
@@ -62,6 +62,19 @@ def test_smoke_grid(tmp_path):
         next(c for c in result["cells"] if (c["preset"], c["source"]) == ("W4A16", "noise"))
     assert ("W4A4", "psaq:kde_points=8") in cells
     assert len(list((tmp_path / "cache").glob("*/calib-psaq:kde_points=8-0-*.pt"))) == 1
+
+    # Once the method's revision is bumped (its defaults changed), its saved sets and cells are not reused.
+    from dfq_deploy.calib.synth import METHODS
+
+    monkeypatch.setattr(METHODS.get("psaq"), "revision", 1)
+    bumped = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs, "--checkpoint", str(ckpt),
+                       "--data", str(data), "--calib-dir", str(data), "--sources", "noise,psaq:kde_points=8",
+                       "--correct", "bias", "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
+    assert len(list((tmp_path / "cache").glob("*/calib-psaq:kde_points=8@r1-0-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/cells-*/cell-*-psaq:kde_points=8@r1-0.json"))) == 2
+    redone = {(c["preset"], c["source"]): c for c in bumped["cells"]}
+    assert redone[("W4A4", "psaq:kde_points=8")]["times"] != cells[("W4A4", "psaq:kde_points=8")]["times"]
+    assert redone[("W4A16", "noise")] == cells[("W4A16", "noise")]  # other sources keep their cells
 
 
 def test_gap_closed():

@@ -305,6 +305,10 @@ def test_pick_semantics_is_uniform_over_an_images_own_semantics():
         for m in (2, 3, 4):  # every own slot equally often: P = min(k, m) / m
             share = hits[counts == m][:, :m].sum(0) / (40 * 500)
             assert torch.allclose(share, torch.full((m,), min(per_step, m) / m), atol=0.03)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    pick_semantics(torch.ones(8, dtype=torch.long), 4, 1, a)
+    pick_semantics(torch.full((8,), 4), 4, 1, b)
+    assert a.get_state().equal(b.get_state())  # the draws do not depend on the counts (resume, replay)
     state = gen.get_state()
     assert pick_semantics(counts, 4, 0, gen).equal(torch.arange(4)[None, :] < counts[:, None])
     assert gen.get_state().equal(state)  # all crops: no draw, so old runs replay exactly
@@ -354,17 +358,31 @@ def test_one_crop_per_step_is_an_unbiased_estimate_of_the_all_crops_loss(vit):
             expected = expected + (weight * per_image).sum() / n
         assert torch.isclose(full, expected, rtol=1e-5)
 
+        # two crops per step: an image with m = 1 feeds one, the others two; each image averages its own crops
+        two = pick_semantics(sem, 4, 2, torch.Generator().manual_seed(3))
+        assert (sem == 1).any() and (sem > 1).any() and two.sum(1).tolist() == sem.clamp(max=2).tolist()
+        per_image = []
+        for i in range(n):
+            crops = []
+            for j in two[i].nonzero().flatten().tolist():
+                only = torch.zeros_like(two)
+                only[i, j] = True
+                with m.taps():  # image i alone, one crop: its soft cross-entropy, nothing averaged
+                    step = {**ctx, "select": only}
+                    crops.append(m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
+                                          step)["msr"])
+            per_image.append(torch.stack(crops).mean())
+        assert torch.isclose(msr(two), torch.stack(per_image).mean(), rtol=1e-5)
+
 
 def msr_per_image(m, images: torch.Tensor, select: torch.Tensor, ctx: dict) -> torch.Tensor:
-    """The per-image MSR loss for one crop per image (its mean is the method's "msr" term)."""
+    """Each image's MSR loss on its own (the method's "msr" term is their mean); every image needs a crop."""
     n = images.shape[0]
     values = []
-    for i in range(n):
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[i] = True
+    for i in range(n):  # the idx slice picks image i's row of the selection
         with m.taps():
             one = m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
-                           {**ctx, "select": select & keep[:, None]})["msr"]
+                           {**ctx, "select": select})["msr"]
         values.append(one)
     return torch.stack(values)
 

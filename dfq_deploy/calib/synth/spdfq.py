@@ -104,7 +104,9 @@ class SpdfqOptions(SynthOptions):
         max_semantics: largest number of semantics (crops) per image, 1..4.
         crops_per_step: how many of an image's ``m`` semantics feed a crop each step, drawn at random without
             replacement (the MSR loss averages over the ones fed, an unbiased estimate of the mean over all
-            ``m``); 0 feeds all ``m`` every step (3.5x the cost of a plain step instead of 2x).
+            ``m``); 0 feeds all ``m`` every step (3.5x the cost of a plain step instead of 2x) and draws no
+            random numbers for the choice, so it replays runs made before this option existed (4 also feeds
+            all crops, but draws).
         crop_scale: range of a crop side as a fraction of its quadrant's side.
         boost: range ``(lo, hi)`` of the logits that mark an image's classes in the soft targets.
     """
