@@ -225,6 +225,21 @@ def test_resume_refuses_other_settings(model, cfg, tmp_path):
         synthesize(model, cfg, "psaq", small(), progress=False, checkpoint_path=ckpt, resume=True)
 
 
+def test_checkpoint_from_before_an_option_existed_resumes_with_its_replay_value(model, cfg, tmp_path):
+    from dfq_deploy.calib.synth.loop import save_checkpoint
+
+    ckpt = tmp_path / "checkpoint.pt"
+    old = small(crops_per_step=0)  # what spdfq did before crops_per_step existed
+    synthesize(model, cfg, "spdfq", old, progress=False, checkpoint_path=ckpt, stop_after=3)
+    saved = load_checkpoint(ckpt)
+    del saved["options"]["crops_per_step"]  # as written by that older version
+    save_checkpoint(ckpt, saved)
+    with pytest.raises(DfqError, match=r"crops_per_step: 0 -> 1"):  # the default now differs: say which value
+        synthesize(model, cfg, "spdfq", small(), progress=False, checkpoint_path=ckpt, resume=True)
+    resumed = synthesize(model, cfg, "spdfq", old, progress=False, checkpoint_path=ckpt, resume=True)
+    assert torch.equal(resumed.images, synthesize(model, cfg, "spdfq", old, progress=False).images)
+
+
 def test_progress_bar_shows_terms_and_throughput(model, cfg, capsys):
     synthesize(model, cfg, "psaq", small(iterations=2), progress=True)
     err = capsys.readouterr().err

@@ -83,6 +83,10 @@ class SynthOptions:
         batch_size: images per forward/backward pass (memory bound); None: all images at once.
     """
 
+    #: For fields added after checkpoints were first written: the value that reproduces those older runs. A
+    #: checkpoint without the field is read as having it (so resuming one asks for that value explicitly).
+    replay_defaults: ClassVar[dict[str, Any]] = {}
+
     num_samples: int = 32
     seed: int = 0
     iterations: int = 1000
@@ -731,7 +735,7 @@ def _check_resumable(ckpt: dict[str, Any], m: SynthMethod, fingerprint: str, pat
         raise DfqError(
             f"checkpoint {path} was made by method '{ckpt['method']}', not '{m.name}': use --method {ckpt['method']}"
         )
-    saved, now = ckpt["options"], m.opts.to_dict()
+    saved, now = {**m.opts.replay_defaults, **ckpt["options"]}, m.opts.to_dict()
     if saved.get("iterations") != now.get("iterations"):
         raise DfqError(
             f"checkpoint {path} belongs to a {saved.get('iterations')}-iteration run (at iteration "

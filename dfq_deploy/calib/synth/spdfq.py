@@ -47,7 +47,7 @@ import logging
 import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,8 @@ class SpdfqOptions(SynthOptions):
         crop_scale: range of a crop side as a fraction of its quadrant's side.
         boost: range ``(lo, hi)`` of the logits that mark an image's classes in the soft targets.
     """
+
+    replay_defaults: ClassVar[dict[str, Any]] = {"crops_per_step": 0}  # runs saved before the option existed
 
     iterations: int = 500
     alpha1: float | None = None
