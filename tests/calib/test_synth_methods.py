@@ -367,24 +367,21 @@ def test_one_crop_per_step_is_an_unbiased_estimate_of_the_all_crops_loss(vit):
             for j in two[i].nonzero().flatten().tolist():
                 only = torch.zeros_like(two)
                 only[i, j] = True
-                with m.taps():  # image i alone, one crop: its soft cross-entropy, nothing averaged
-                    step = {**ctx, "select": only}
-                    crops.append(m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
-                                          step)["msr"])
+                crops.append(image_msr(m, images, i, only, ctx))  # one crop: its soft cross-entropy, not averaged
             per_image.append(torch.stack(crops).mean())
         assert torch.isclose(msr(two), torch.stack(per_image).mean(), rtol=1e-5)
 
 
+def image_msr(m, images: torch.Tensor, i: int, select: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """Image ``i``'s MSR loss on its own (the idx slice picks its row of ``select``, which needs a crop)."""
+    with m.taps():
+        return m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
+                        {**ctx, "select": select})["msr"]
+
+
 def msr_per_image(m, images: torch.Tensor, select: torch.Tensor, ctx: dict) -> torch.Tensor:
     """Each image's MSR loss on its own (the method's "msr" term is their mean); every image needs a crop."""
-    n = images.shape[0]
-    values = []
-    for i in range(n):  # the idx slice picks image i's row of the selection
-        with m.taps():
-            one = m.losses(images[i : i + 1], images[i : i + 1], slice(i, i + 1), 0, m.stages()[0],
-                           {**ctx, "select": select})["msr"]
-        values.append(one)
-    return torch.stack(values)
+    return torch.stack([image_msr(m, images, i, select, ctx) for i in range(images.shape[0])])
 
 
 def test_soft_targets_raise_the_chosen_classes():
