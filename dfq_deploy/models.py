@@ -8,6 +8,7 @@ inside the package, so ``timm.create_model("deit_tiny_cifar10", pretrained=True)
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,16 @@ ALIASES: dict[str, str] = {
     "swin_t": "swin_tiny_patch4_window7_224",
     "swin_s": "swin_small_patch4_window7_224",
     "swin_b": "swin_base_patch4_window7_224",
+}
+
+#: One tiny configuration per model family (random weights, 32x32 inputs, 2 blocks or stages), for tests and
+#: benchmarks that must cover DeiT with a class token, ViT without one (average pooling) and Swin's windows.
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "deit": ("deit_t", {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}),
+    "vit_avgpool": ("vit_s", {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10, "embed_dim": 64,
+                              "num_heads": 2, "class_token": False, "global_pool": "avg"}),
+    "swin": ("swin_t", {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 32, "depths": (2, 2),
+                        "num_heads": (2, 4), "num_classes": 10}),
 }
 
 # --- the bundled model ------------------------------------------------------------------------------------
@@ -195,6 +206,11 @@ def create_model(spec: ModelSpec) -> torch.nn.Module:
     """
     name = spec.timm_name
     pretrained = not spec.random_weights and spec.checkpoint is None
+    if pretrained and _needs_hub(name) and not hub_reachable():
+        # No network: let huggingface_hub answer from its cache at once instead of retrying for a minute.
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         model = timm.create_model(name, pretrained=pretrained, **spec.kwargs)
     except DfqError:
@@ -222,6 +238,38 @@ def create_model(spec: ModelSpec) -> torch.nn.Module:
     model.eval()
     logger.info("built %s (%.2fM params)", name, sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def _needs_hub(name: str) -> bool:
+    """True when ``name``'s pretrained weights come from the model hub (not a file inside a package)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+    except Exception:  # timm versions without a default cfg for this name
+        return True
+    return not (cfg and getattr(cfg, "file", None))
+
+
+@functools.cache
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (asked once per process).
+
+    ``HF_HUB_OFFLINE=1`` answers False without asking.
+    """
+    import urllib.error
+    import urllib.request
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        logger.info("the model hub at %s is unreachable: using cached weights only", hub.ENDPOINT)
+        return False
+    return True
 
 
 def set_fused_attn_(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:

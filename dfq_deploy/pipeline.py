@@ -8,7 +8,6 @@ Nothing is written to the output folder until every check has passed; then ``mod
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import platform
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dfq_deploy.bench.accuracy import DATA_CONFIG_KEY, evaluate_onnx
+from dfq_deploy.bench.accuracy import evaluate_onnx
 from dfq_deploy.calib.correction import MODES, block_errors, fit_corrections_, plot_block_errors
 from dfq_deploy.calib.fold import fold_corrections_
 from dfq_deploy.calib.qmodel import batches_loop, quantize
@@ -29,7 +28,7 @@ from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, QuantConfig, p
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
-from dfq_deploy.export.parity import measure_parity, require_parity
+from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import ModelSpec, create_model, data_config
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
@@ -55,7 +54,8 @@ class ExportOptions:
             :data:`DEFAULT_SYNTH_ITERS`); None: the method's own default.
         seed: RNG seed of the whole job.
         config: a full quantization config; overrides ``bits`` when given.
-        parity_threshold: minimum ORT-vs-PyTorch top-1 agreement.
+        parity_threshold: minimum fraction of parity inputs on which ONNX Runtime agrees with PyTorch within
+            rounding (:mod:`dfq_deploy.export.parity`); 0 skips the check.
         eval_data: ImageFolder to measure the exported graph's accuracy on (optional).
         eval_limit: evaluate a seeded subset of this many images.
         progress: show progress bars.
@@ -127,6 +127,65 @@ def _check_writable(out: Path) -> None:
         raise DfqError(f"output folder {out} is not writable ({exc.strerror}): choose another --output") from exc
 
 
+def check_inputs(opts: ExportOptions) -> None:
+    """Check every path and name the export will need before any long work starts.
+
+    Raises:
+        DfqError: unknown model or calibration source, missing checkpoint, missing or empty ImageFolder
+            (``--eval-data``, ``--calib-dir``), unfinished ``--calib-from`` folder, or an unwritable output folder.
+    """
+    from dfq_deploy.data import ImageFolder
+
+    opts.model.timm_name  # noqa: B018 - raises on an unknown model name
+    if opts.model.checkpoint is not None and not Path(opts.model.checkpoint).is_file():
+        raise DfqError(f"checkpoint not found: {opts.model.checkpoint} (pass an existing file to --checkpoint)")
+    if opts.calib_from is not None:
+        load_synth_dir(opts.calib_from)
+    elif _calibrates(opts):
+        get_source(opts.calib)
+        if opts.calib == "real" and opts.calib_dir is None:
+            raise DfqError("--calib real needs --calib-dir DIR (an ImageFolder directory)")
+    if opts.calib_dir is not None and (opts.calib == "real" or opts.calib_from is None):
+        ImageFolder(opts.calib_dir)
+    if opts.eval_data is not None:
+        ImageFolder(opts.eval_data)
+    _check_writable(Path(opts.output))
+
+
+def _calibrates(opts: ExportOptions) -> bool:
+    assert opts.config is not None
+    return opts.config.w_bits is not None or opts.config.a_bits is not None
+
+
+def stage_plan(opts: ExportOptions, n_probes: int = NUM_PROBES) -> list[str]:
+    """What the export will do, stage by stage (logged at the start)."""
+    cfg = opts.config
+    assert cfg is not None
+    if opts.calib_from is not None:
+        calib = f"calibration images from {opts.calib_from}"
+    elif not _calibrates(opts):
+        calib = "no calibration (float export)"
+    elif opts.calib in METHODS.names():
+        calib = f"synthesis {opts.calib}: {opts.num_samples} images x {opts.synth_iters or 'default'} iterations"
+    else:
+        calib = f"calibration images: {opts.num_samples} from {opts.calib}"
+    plan = [calib, f"quantize {cfg.name}"]
+    if _calibrates(opts):
+        plan += ["reparameterise"] * opts.reparam + [f"reconstruct ({opts.reconstruct_iters} steps a block)"] * \
+            opts.reconstruct + [f"correct ({opts.correct})"] * (opts.correct != "none")
+    plan += ["export ONNX + lint", f"parity ({2 * opts.num_samples + n_probes} inputs)"]
+    if opts.eval_data is not None:
+        plan.append(f"accuracy on {opts.eval_data}" + (f" ({opts.eval_limit} images)" if opts.eval_limit else ""))
+    return plan
+
+
+def time_summary(timings: dict[str, float]) -> str:
+    """One line: where the export's time went, largest first."""
+    named = {k.removesuffix("_s").replace("_", " "): v for k, v in timings.items()}
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(named.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+    return f"{sum(timings.values()):.0f} s in all: {parts}"
+
+
 def precision_of(cfg: QuantConfig) -> str:
     """TensorRT precision name of a deployable config (``fp32``, ``int8`` or ``int4``)."""
     if cfg.w_bits is None:
@@ -143,7 +202,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     cfg = opts.config
     assert cfg is not None
     out = Path(opts.output)
-    _check_writable(out)
+    check_inputs(opts)
+    logger.info("export plan: %s", " -> ".join(stage_plan(opts)))
     torch.manual_seed(opts.seed)
     timings: dict[str, float] = {}
 
@@ -156,7 +216,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     # source with another seed when that is cheap (noise, real), Gaussian noise otherwise. A float export
     # calibrates nothing: it only needs parity inputs, so it does not run a synthesizer.
     t = time.perf_counter()
-    source = opts.calib if cfg.w_bits is not None or cfg.a_bits is not None else "noise"
+    source = opts.calib if _calibrates(opts) else "noise"
     if opts.calib_from is not None:
         calib = load_synth_dir(opts.calib_from, dcfg)
     else:
@@ -179,14 +239,12 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         png = plot_block_errors(correction, title=f"{opts.model.name} {cfg.name}, correction {opts.correct}")
 
     t = time.perf_counter()
-    proto = to_onnx(model, tuple(dcfg["input_size"]))
-    meta = proto.metadata_props.add()
-    meta.key, meta.value = DATA_CONFIG_KEY, json.dumps({k: dcfg[k] for k in dcfg})
+    proto = to_onnx(model, data_cfg=dcfg)
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    parity = measure_parity(model, proto, {"calibration": calib.images, "held_back": held.images},
-                            opts.parity_threshold)
+    probes = torch.cat([held.images, parity_probes(calib.images, seed=opts.seed)])
+    parity = measure_parity(model, proto, {"calibration": calib.images, "held_back": probes}, opts.parity_threshold)
     timings["parity_s"] = time.perf_counter() - t
     require_parity(parity)
 
@@ -225,7 +283,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    logger.info("report: %s", out / "report.json")
+    logger.info("time: %s; report: %s", time_summary(timings), out / "report.json")
     return report
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from dfq_deploy.cli import main
+from dfq_deploy.export.parity import NUM_PROBES
 from dfq_deploy.models import ModelSpec, create_model
 from tests.conftest import TINY_KWARGS, make_image_folder
 
@@ -21,7 +23,8 @@ def _run(capsys, *argv):
 
 
 @pytest.mark.parametrize("bits, calib", [("8", "real"), ("4", "noise")])
-def test_export_and_eval(tmp_path, capsys, bits, calib):
+def test_export_and_eval(tmp_path, capsys, caplog, bits, calib):
+    caplog.set_level(logging.INFO, logger="dfq_deploy")
     data = make_image_folder(tmp_path / "data", classes=10, per_class=2)
     out = tmp_path / "out"
     code, stdout, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", bits, "--calib", calib,
@@ -33,12 +36,17 @@ def test_export_and_eval(tmp_path, capsys, bits, calib):
     assert report["quant_config"]["name"] == {"8": "W8A8", "4": "W4A16"}[bits]
     assert report["precision"] == {"8": "int8", "4": "int4"}[bits]
     assert report["calibration"]["source"] == calib and report["calibration"]["num_samples"] == 8
-    assert report["parity"]["passed"] and report["parity"]["held_back"]["n"] == 8
+    assert report["parity"]["passed"] and report["parity"]["held_back"]["n"] == 8 + NUM_PROBES
     assert report["lint"] == []
     assert report["accuracy"]["n"] == 20 and 0.0 <= report["accuracy"]["top1"] <= 1.0
     assert report["size_bytes"] == (out / "model.onnx").stat().st_size
     assert set(report["timings"]) >= {"quantize_s", "export_s", "parity_s", "eval_s"}
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    logged = [r.getMessage() for r in caplog.records]
+    plan = next(m for m in logged if m.startswith("export plan:"))
+    assert "quantize" in plan and "parity (" in plan and "accuracy on" in plan
+    summary = next(m for m in logged if m.startswith("time: "))
+    assert "s in all:" in summary and "parity" in summary
 
     code, stdout, err = _run(capsys, "eval", "--onnx", str(out / "model.onnx"), "--data", str(data), "--limit", "5")
     assert code == 0
@@ -93,6 +101,10 @@ def _bad_inputs(tmp_path):
         ([*exp, "--calib", "real", "--calib-dir", str(tmp_path / "fake")], "not a readable image"),
         ([*exp, "--calib", "magic"], "unknown calibration source 'magic'"),
         ([*exp, "--preset", "W4A4"], "simulated only"),
+        ([*exp, "--eval-data", str(tmp_path / "deV")], "data folder not found"),
+        ([*exp, "--calib-from", str(tmp_path / "nosynth")], "does not exist"),
+        ([*exp, "--calib", "real", "--calib-dir", str(tmp_path / "nowhere")], "data folder not found"),
+        (["synth", *TINY, "--random-weights", "--method", "magic"], "unknown"),
         (["eval", *TINY, "--random-weights", "--data", str(tmp_path / "nowhere")], "data folder not found"),
         (["eval", "--onnx", str(tmp_path / "no.onnx"), "--data", str(ok_data)], "ONNX file not found"),
     ]
@@ -112,11 +124,12 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
         assert not out.exists() or not any(out.iterdir()), argv  # nothing half-written
 
 
-def test_no_offline_weights_names_checkpoint(capsys, monkeypatch):
+def test_no_offline_weights_names_checkpoint(tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
-    code, _, err = _run(capsys, "eval", "--model", "deit_t", "--data", ".")
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    code, _, err = _run(capsys, "eval", "--model", "deit_t", "--data", str(data))
     assert code == 2 and "--checkpoint" in err and "offline" in err
 
 
@@ -128,15 +141,14 @@ def test_unwritable_output(tmp_path, capsys):
 
 def test_failed_parity_leaves_nothing(tmp_path, capsys, monkeypatch):
     import dfq_deploy.pipeline as pipeline
+    from tests.export.sabotage import transposed
 
-    def broken(model, proto, inputs, threshold):
-        return {"calibration": {"top1_agreement": 0.5}, "threshold": threshold, "passed": False}
-
-    monkeypatch.setattr(pipeline, "measure_parity", broken)
+    real_to_onnx = pipeline.to_onnx
+    monkeypatch.setattr(pipeline, "to_onnx", lambda *a, **k: transposed(real_to_onnx(*a, **k), 0))  # a buggy exporter
     out = tmp_path / "out"
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--bits", "4", "--calib", "noise",
                         "--output", str(out))
-    assert code == 2 and "disagrees" in err
+    assert code == 2 and "nothing was written" in err
     assert not any(out.iterdir())
 
 

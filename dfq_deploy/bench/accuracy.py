@@ -18,8 +18,6 @@ from dfq_deploy.errors import DfqError
 
 logger = logging.getLogger(__name__)
 
-#: ONNX metadata key holding the timm data config, so ``eval --onnx`` preprocesses like the model.
-DATA_CONFIG_KEY = "dfq_deploy.data_config"
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -58,6 +56,8 @@ def evaluate_torch(model: nn.Module, data_dir: str | Path, data_cfg: dict[str, A
 def onnx_data_config(path: str | Path) -> dict[str, Any]:
     """The data config stored in an exported ONNX file's metadata."""
     import onnx
+
+    from dfq_deploy.export.onnx import DATA_CONFIG_KEY
 
     proto = onnx.load(str(path), load_external_data=False)
     for prop in proto.metadata_props:

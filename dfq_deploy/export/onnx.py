@@ -8,12 +8,15 @@ Stages, top to bottom:
   4. replace each weight by INT8 / INT4 integers behind a ``DequantizeLinear`` (per output channel on axis 1,
      or blocked along K with ``block_size``), and put ``QuantizeLinear -> DequantizeLinear`` (INT8, zero
      point 0, per-tensor) on the activation inputs that the PyTorch model quantizes;
-  5. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
+  5. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
+     and apps preprocess like the model;
+  6. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import warnings
 from collections import defaultdict
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 OPSET = 21
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: ONNX metadata key holding the timm data config (input size, mean, std, ...).
+DATA_CONFIG_KEY = "dfq_deploy.data_config"
 
 
 def export_float_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
@@ -210,13 +215,25 @@ def _scalar(q: ActQuantizer, name: str) -> float:
     return float(q.scale)
 
 
-def to_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
-    """The deployable QDQ ONNX of a (fake-)quantized model, checked by ``onnx.checker`` and the linter."""
-    from dfq_deploy.export.lint import check_onnx
+def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
+            data_cfg: dict | None = None) -> onnx.ModelProto:
+    """The deployable QDQ ONNX of a (fake-)quantized model, checked by ``onnx.checker`` and the linter.
 
-    proto = export_float_onnx(model, input_size)
+    Args:
+        model: the (fake-)quantized timm model.
+        input_size: ``(C, H, W)``; default: the data config's.
+        data_cfg: the timm data config stored in the graph's metadata; default:
+            :func:`dfq_deploy.models.data_config` of ``model``.
+    """
+    from dfq_deploy.export.lint import check_onnx
+    from dfq_deploy.models import data_config
+
+    data_cfg = dict(data_config(model) if data_cfg is None else data_cfg)
+    proto = export_float_onnx(model, tuple(input_size or data_cfg["input_size"]))
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         insert_qdq(proto, model)
+    meta = proto.metadata_props.add()
+    meta.key, meta.value = DATA_CONFIG_KEY, json.dumps(data_cfg)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
