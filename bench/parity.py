@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dfq_deploy.calib.synth import run_synthesis
+from dfq_deploy.export.parity import parity_sets
 from dfq_deploy.models import BUNDLED_ARCH, BUNDLED_WEIGHTS, TINY_CONFIGS, ModelSpec, create_model, data_config
 from dfq_deploy.pipeline import ExportOptions, export_model
 from dfq_deploy.utils import atomic_write_json
@@ -42,7 +43,7 @@ USER_KWARGS = {k: BUNDLED_ARCH[k] for k in ("img_size", "patch_size", "depth", "
 
 def _row(group: str, label: str, report: dict, seconds: float) -> dict:
     par = report["parity"]
-    sets = {k: v for k, v in par.items() if isinstance(v, dict) and "disagreeing" in v}
+    sets = parity_sets(par)
     row = {
         "group": group, "export": label, "passed": par["passed"], "tolerance": par["tolerance"], "null": par["null"],
         "inputs": sum(v["n"] for v in sets.values()), "disagreeing": sum(v["disagreeing"] for v in sets.values()),

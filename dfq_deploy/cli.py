@@ -54,8 +54,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         calib_from=args.calib_from, correct=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
         reconstruct_iters=args.reconstruct_iters, plot=args.plot,
     ))
-    par = report["parity"]
-    sets = [v for v in par.values() if isinstance(v, dict) and "disagreeing" in v]
+    from dfq_deploy.export.parity import parity_sets
+
+    sets = parity_sets(report["parity"]).values()
     n, bad = sum(v["n"] for v in sets), sum(v["disagreeing"] for v in sets)
     line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}); ONNX Runtime agrees "
             f"with PyTorch within rounding on {n - bad} of {n} inputs")

@@ -165,6 +165,14 @@ def _parse_value(value: str) -> Any:
     return value
 
 
+def require_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a Path, or a one-line :class:`DfqError` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DfqError(f"checkpoint not found: {path} (pass an existing file to --checkpoint)")
+    return path
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file or a torch checkpoint and return its state dict.
 
@@ -173,9 +181,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         DfqError: the file is missing, unreadable or holds no tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DfqError(f"checkpoint not found: {path} (pass an existing file to --checkpoint)")
+    path = require_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -29,7 +29,7 @@ from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
 from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
-from dfq_deploy.models import ModelSpec, create_model, data_config
+from dfq_deploy.models import ModelSpec, create_model, data_config, require_checkpoint_file
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -137,14 +137,12 @@ def check_inputs(opts: ExportOptions) -> None:
     from dfq_deploy.data import ImageFolder
 
     opts.model.timm_name  # noqa: B018 - raises on an unknown model name
-    if opts.model.checkpoint is not None and not Path(opts.model.checkpoint).is_file():
-        raise DfqError(f"checkpoint not found: {opts.model.checkpoint} (pass an existing file to --checkpoint)")
+    if opts.model.checkpoint is not None:
+        require_checkpoint_file(opts.model.checkpoint)
     if opts.calib_from is not None:
         load_synth_dir(opts.calib_from)
     elif _calibrates(opts):
         get_source(opts.calib)
-        if opts.calib == "real" and opts.calib_dir is None:
-            raise DfqError("--calib real needs --calib-dir DIR (an ImageFolder directory)")
     if opts.calib_dir is not None and (opts.calib == "real" or opts.calib_from is None):
         ImageFolder(opts.calib_dir)
     if opts.eval_data is not None:

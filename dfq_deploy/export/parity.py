@@ -311,6 +311,11 @@ def _median_bound(null: dict[str, float]) -> float:
     return max(MEDIAN_FACTOR * null["median"], FLOAT_RTOL)
 
 
+def parity_sets(parity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-input-set figures of a :func:`measure_parity` result (``calibration``, ``held_back``, ...)."""
+    return {k: v for k, v in parity.items() if isinstance(v, dict) and "disagreeing" in v}
+
+
 def require_parity(parity: dict[str, Any]) -> None:
     """Raise a one-line :class:`DfqError` when the export's parity check failed."""
     if parity["passed"]:
@@ -320,8 +325,8 @@ def require_parity(parity: dict[str, Any]) -> None:
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DfqError(f"the ONNX graph does not hold the model's quantizers: {problems[0]}{more}: {tail}")
-    sets = {k: v for k, v in parity.items() if isinstance(v, dict) and "disagreeing" in v}
-    name, worst = max(sets.items(), key=lambda kv: (kv[1]["disagreeing_fraction"], kv[1]["median_error"]))
+    name, worst = max(parity_sets(parity).items(),
+                      key=lambda kv: (kv[1]["disagreeing_fraction"], kv[1]["median_error"]))
     raise DfqError(
         f"ONNX Runtime's logits differ from the PyTorch model's beyond rounding on {worst['disagreeing']} of "
         f"{worst['n']} {name} inputs (median error {worst['median_error']:.3g}, tolerance {parity['tolerance']:.3g} "
