@@ -44,10 +44,10 @@ from dfq_deploy.calib.synth.loop import SYNTH_REVISION, model_fingerprint, save_
 from dfq_deploy.config import QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
+from dfq_deploy.export.ort import ort_session
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
 from dfq_deploy.pipeline import quantize_and_correct
-from dfq_deploy.runtime import ort_session
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("bench.accuracy")

@@ -149,7 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from dfq_deploy.export.tensorrt import build_engine, plan_build
+    from dfq_deploy.trt import build_engine, plan_build
 
     plan = plan_build(args.onnx, args.precision, workspace_mb=args.workspace, batch=args.batch,
                       timing_cache=args.timing_cache, calibrator=args.calibrator, calib_from=args.calib_from,

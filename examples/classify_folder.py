@@ -26,7 +26,7 @@ import numpy as np
 
 from dfq_deploy.data import iter_image_batches
 from dfq_deploy.errors import DfqError
-from dfq_deploy.runtime import TRTEngine, summarize_timings
+from dfq_deploy.trt import TRTEngine, summarize_timings
 
 DEFAULT_CROP_PCT = 0.875
 

@@ -329,7 +329,7 @@ class OrtRunner(Runner):
 
 
 class TRTRunner(Runner):
-    """A serialized TensorRT engine through :class:`dfq_deploy.runtime.TRTEngine`.
+    """A serialized TensorRT engine through :class:`dfq_deploy.trt.engine.TRTEngine`.
 
     Uses ``TRTEngine(path, keep_timings=False)``, its ``input_shape`` (``-1`` for dynamic dimensions),
     ``input_dtype`` and ``batch_range`` (the optimisation profile's ``(min, opt, max)`` batch), ``infer(x)``
@@ -341,7 +341,7 @@ class TRTRunner(Runner):
     def __init__(self, path: Path, name: str, seed: int = 0) -> None:
         super().__init__(path, name)
         try:
-            from dfq_deploy.runtime import TRTEngine
+            from dfq_deploy.trt.engine import TRTEngine
         except ImportError as exc:
             raise DfqError(f"TensorRT runtime is not available ({exc}): install the trt extra "
                            "(pip install 'dfq-deploy[trt]') on a machine with an NVIDIA GPU") from exc
@@ -353,7 +353,7 @@ class TRTRunner(Runner):
         if shape is None and getattr(self.engine, "inputs", None):
             shape = getattr(self.engine.inputs[0], "shape", None)
         if shape is None:
-            raise DfqError(f"cannot read the input shape of {path} from TRTEngine: update dfq_deploy.runtime")
+            raise DfqError(f"cannot read the input shape of {path} from TRTEngine: update dfq_deploy.trt.engine")
         self.input_shape = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in shape]
         self.dtype = np.dtype(getattr(self.engine, "input_dtype", np.float32))
         batch_range = getattr(self.engine, "batch_range", None)
@@ -480,7 +480,7 @@ def run_benchmark(
     Args:
         artifacts: ``.onnx`` files (``runtime="ort"``) or TensorRT engines (``runtime="trt"``); the first is
             the baseline.
-        runtime: ``"ort"`` (ONNX Runtime CPU) or ``"trt"`` (:class:`dfq_deploy.runtime.TRTEngine`).
+        runtime: ``"ort"`` (ONNX Runtime CPU) or ``"trt"`` (:class:`dfq_deploy.trt.engine.TRTEngine`).
         batches: batch sizes; one the graph cannot take (fixed batch dimension) is skipped with a reason.
         warmup: untimed runs per artifact and batch size.
         iters: timed runs per artifact and batch size (default 100 when neither budget is given).

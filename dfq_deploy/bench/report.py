@@ -105,7 +105,7 @@ def collect_environment(cpuinfo: str | Path = "/proc/cpuinfo",
         env["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     except ImportError:
         env["onnxruntime"] = None
-    from dfq_deploy.export.tensorrt import tensorrt_version  # the only module that imports tensorrt
+    from dfq_deploy.trt.env import tensorrt_version  # dfq_deploy.trt is the only package importing tensorrt
 
     try:
         env["tensorrt"] = tensorrt_version()

@@ -216,7 +216,7 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
     """The TensorRT branch through a stand-in TRTEngine (no GPU here): GPU compute is reported apart."""
 
     class FakeEngine:
-        """The parts of dfq_deploy.runtime.TRTEngine the benchmark uses."""
+        """The parts of dfq_deploy.trt.engine.TRTEngine the benchmark uses."""
 
         input_shape = (-1, 16)
         input_dtype = np.dtype(np.float32)
@@ -234,9 +234,9 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
             self.timings = {"h2d_ms": 0.1, "compute_ms": 0.5 + 0.1 * (self.calls % 2), "d2h_ms": 0.05}
             return [x * 2]
 
-    fake = types.ModuleType("dfq_deploy.runtime")
+    fake = types.ModuleType("dfq_deploy.trt.engine")
     fake.TRTEngine = FakeEngine
-    monkeypatch.setitem(sys.modules, "dfq_deploy.runtime", fake)
+    monkeypatch.setitem(sys.modules, "dfq_deploy.trt.engine", fake)
     engines = []
     for name in ("a.engine", "b.plan"):
         (tmp_path / name).write_bytes(b"\0")
@@ -260,8 +260,8 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
 
 
 def test_run_benchmark_trt_without_tensorrt_is_a_one_line_error(tmp_path):
-    """With the real dfq_deploy.runtime and no TensorRT / GPU here, the engine cannot open: a DfqError."""
-    pytest.importorskip("dfq_deploy.runtime")
+    """With the real dfq_deploy.trt.engine and no TensorRT / GPU here, the engine cannot open: a DfqError."""
+    pytest.importorskip("dfq_deploy.trt.engine")
     try:
         import tensorrt  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""Runtime: profile checks, timing summaries, backend choice, ONNX Runtime sessions (CPU); TRTEngine (GPU)."""
+"""TRTEngine and its timings: profile checks and summaries (CPU), engines (GPU), the example app."""
 
 from __future__ import annotations
 
@@ -7,30 +7,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from dfq_deploy.errors import DfqError, MissingDependencyError
-from dfq_deploy.runtime import (
-    InferTiming,
-    TRTEngine,
-    check_input_shape,
-    ort_session,
-    select_backend,
-    summarize_timings,
+from dfq_deploy.trt.build import build_engine
+from dfq_deploy.trt.engine import TRTEngine
+from dfq_deploy.trt.planner import (
+    plan_build,
 )
+from dfq_deploy.trt.timing import InferTiming, check_input_shape, summarize_timings
 from tests.conftest import make_image_folder
-from tests.export.test_tensorrt import CHW, GPU_SKIP, HAS_TRT, NUM_CLASSES, make_model, save_model
+from tests.trt.graphs import CHW, HAS_TRT, NUM_CLASSES, requires_gpu, save_model
 
-requires_gpu = pytest.mark.skipif(bool(GPU_SKIP), reason=GPU_SKIP or "TensorRT and GPU available")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "classify_folder.py"
-
-
-def _has(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "classify_folder.py"
 
 
 # --- profile checks ---------------------------------------------------------------------------------------
@@ -65,63 +54,6 @@ def test_summarize_timings() -> None:
     assert rows[0].gpu_ms == pytest.approx(2.6)
     with pytest.raises(DfqError, match="no timed calls"):
         summarize_timings(rows, skip=4)
-
-
-# --- CUDA backend choice ----------------------------------------------------------------------------------
-def test_select_backend() -> None:
-    with pytest.raises(DfqError, match="choose one of cuda-python, pycuda"):
-        select_backend("cupy")
-    if _has("cuda.bindings"):
-        assert select_backend() == "cuda-python"
-        assert select_backend("cuda-python") == "cuda-python"
-    if not _has("pycuda"):
-        with pytest.raises(MissingDependencyError, match="pip install pycuda"):
-            select_backend("pycuda")
-    if not _has("cuda.bindings") and not _has("pycuda"):
-        with pytest.raises(MissingDependencyError, match="cuda-python"):
-            select_backend()
-
-
-# --- ONNX Runtime -----------------------------------------------------------------------------------------
-def _reference_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))
-    return x.reshape(len(x), -1) @ w
-
-
-def test_ort_session_runs_the_graph(tmp_path: Path) -> None:
-    import onnxruntime as ort
-
-    model = make_model("fp32")
-    path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
-    x = np.random.default_rng(0).normal(size=(3, *CHW)).astype(np.float32)
-    for sess in (ort_session(path), ort_session(model, threads=1, optimize=False)):
-        assert sess.get_providers() == ["CPUExecutionProvider"]
-        (out,) = sess.run(None, {"input": x})
-        np.testing.assert_allclose(out, _reference_logits(model, x), rtol=1e-5, atol=1e-5)
-    opts = ort_session(path, threads=1, optimize=False).get_session_options()
-    assert opts.intra_op_num_threads == 1
-    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    assert ort_session(path).get_session_options().graph_optimization_level == \
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-
-
-def test_ort_session_gpu_request_keeps_cpu_last(tmp_path: Path) -> None:
-    import onnxruntime as ort
-
-    sess = ort_session(save_model(tmp_path, "fp32"), gpu=True)
-    providers = sess.get_providers()
-    assert providers[-1] == "CPUExecutionProvider"
-    assert set(providers) <= set(ort.get_available_providers())
-
-
-def test_ort_session_errors(tmp_path: Path) -> None:
-    with pytest.raises(DfqError, match="not found"):
-        ort_session(tmp_path / "missing.onnx")
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"definitely not protobuf")
-    with pytest.raises(DfqError, match="ONNX Runtime cannot load"):
-        ort_session(bad)
 
 
 # --- TRTEngine without TensorRT / GPU ---------------------------------------------------------------------
@@ -196,7 +128,6 @@ def test_example_data_config_from_report_and_flags(tmp_path: Path, capsys) -> No
 # --- GPU ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def engine_path(tmp_path: Path) -> Path:
-    from dfq_deploy.export.tensorrt import build_engine, plan_build
 
     return build_engine(plan_build(save_model(tmp_path, "int8", chw=(3, 8, 8)), "int8", batch="1,4,8",
                                    workspace_mb=256))

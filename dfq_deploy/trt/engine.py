@@ -1,318 +1,34 @@
-"""Running exported models: TensorRT engines (:class:`TRTEngine`) and ONNX Runtime (:func:`ort_session`).
+"""Running a TensorRT engine from an app: :class:`TRTEngine`.
 
 :class:`TRTEngine` deserialises an engine, allocates pinned host and device buffers for the largest shape of
 its optimisation profile, and runs ``execute_async_v3`` on its own CUDA stream. CUDA memory, streams and
-events come from cuda-python (default) or pycuda (where a Jetson image already has it). Every call records
-CUDA events around the host-to-device copy, the engine and the device-to-host copy, so benchmarks can
-separate GPU compute time from copy time (:attr:`TRTEngine.timings` for the last call,
-:attr:`TRTEngine.timing_history` and :func:`summarize_timings` over many).
+events come from :mod:`dfq_deploy.trt.cuda`. Every call records CUDA events around the host-to-device copy,
+the engine and the device-to-host copy, so benchmarks can separate GPU compute time from copy time
+(:attr:`TRTEngine.timings` for the last call, :attr:`TRTEngine.timing_history` and
+:func:`~dfq_deploy.trt.timing.summarize_timings` over many).
 
-TensorRT itself is imported through :func:`dfq_deploy.export.tensorrt.require_tensorrt`, only when an engine
-is opened; importing this module needs neither TensorRT nor a GPU.
+TensorRT is imported only when an engine is opened; importing this module needs neither TensorRT nor a GPU.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dfq_deploy.errors import DfqError, MissingDependencyError
+from dfq_deploy.errors import DfqError
+from dfq_deploy.trt.build import engine_metadata_path
+from dfq_deploy.trt.cuda import CudaError, CudaPython, PyCuda, cuda_backend
+from dfq_deploy.trt.env import gpu_available, make_trt_logger, require_tensorrt
+from dfq_deploy.trt.timing import InferTiming, check_input_shape
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("cuda-python", "pycuda")
-
-
-class CudaError(DfqError):
-    """A CUDA call failed (out of memory, no device, driver problem)."""
-
-
-# --- shape checks and timing summaries (plain Python) -----------------------------------------------------
-def check_input_shape(
-    name: str, shape: Sequence[int], min_shape: Sequence[int], max_shape: Sequence[int]
-) -> None:
-    """Raise when ``shape`` is outside the engine's optimisation profile ``[min_shape, max_shape]``.
-
-    Raises:
-        DfqError: wrong rank, or a dimension outside the profile (the message gives the rebuild flag).
-    """
-    shape, lo, hi = tuple(int(v) for v in shape), tuple(min_shape), tuple(max_shape)
-    if len(shape) != len(lo):
-        raise DfqError(f"input '{name}' has shape {list(shape)}, the engine expects rank {len(lo)} "
-                       f"({list(lo)} .. {list(hi)})")
-    if shape[1:] != lo[1:] and lo[1:] == hi[1:]:
-        dims = ", ".join(map(str, lo[1:]))
-        raise DfqError(f"input '{name}' has shape {list(shape)}, the engine expects [N, {dims}]: preprocess "
-                       "to the model's input size")
-    if any(not (a <= s <= b) for s, a, b in zip(shape, lo, hi, strict=True)):
-        raise DfqError(f"input '{name}' has batch {shape[0]}, outside the engine's profile {lo[0]}..{hi[0]}: "
-                       f"split the batch or rebuild with --batch MIN,OPT,MAX covering {shape[0]}")
-
-
-@dataclass(frozen=True)
-class InferTiming:
-    """Times of one :meth:`TRTEngine.infer` call, in milliseconds.
-
-    Attributes:
-        batch: batch size of the call.
-        h2d_ms: host-to-device copy (CUDA events; 0 for device inputs).
-        compute_ms: the engine's GPU time (CUDA events around ``execute_async_v3``).
-        d2h_ms: device-to-host copy (CUDA events; 0 for device outputs).
-        wall_ms: host wall clock of the whole call, including staging into pinned memory.
-    """
-
-    batch: int
-    h2d_ms: float
-    compute_ms: float
-    d2h_ms: float
-    wall_ms: float
-
-    @property
-    def gpu_ms(self) -> float:
-        """Copies plus compute."""
-        return self.h2d_ms + self.compute_ms + self.d2h_ms
-
-
-def summarize_timings(timings: Sequence[InferTiming], skip: int = 0) -> dict[str, Any]:
-    """Mean / median / p90 / p99 of each timing field and throughputs over a list of calls.
-
-    Args:
-        timings: e.g. :attr:`TRTEngine.timing_history`.
-        skip: leading calls to ignore (warm-up).
-
-    Returns:
-        ``{"calls", "images", "<field>": {"mean", "median", "p90", "p99"}, "images_per_s_compute",
-        "images_per_s_wall"}``.
-
-    Raises:
-        DfqError: no calls left after ``skip``.
-    """
-    rows = list(timings)[skip:]
-    if not rows:
-        raise DfqError(f"no timed calls to summarise (got {len(timings)}, skipping {skip})")
-    out: dict[str, Any] = {"calls": len(rows), "images": int(sum(t.batch for t in rows))}
-    for f in ("h2d_ms", "compute_ms", "d2h_ms", "wall_ms", "gpu_ms"):
-        v = np.array([getattr(t, f) for t in rows], dtype=np.float64)
-        out[f] = {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
-                  "p99": float(np.percentile(v, 99))}
-    compute = sum(t.compute_ms for t in rows)
-    wall = sum(t.wall_ms for t in rows)
-    out["images_per_s_compute"] = 1000.0 * out["images"] / compute if compute > 0 else float("nan")
-    out["images_per_s_wall"] = 1000.0 * out["images"] / wall if wall > 0 else float("nan")
-    return out
-
-
-# --- CUDA backends ----------------------------------------------------------------------------------------
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def select_backend(preferred: str | None = None) -> str:
-    """Name of the CUDA Python backend to use: ``preferred`` if installed, else cuda-python, else pycuda.
-
-    Raises:
-        DfqError: unknown backend name.
-        MissingDependencyError: the requested backend (or any backend) is not installed.
-    """
-    have = {"cuda-python": _has_module("cuda.bindings") or _has_module("cuda.cudart"),
-            "pycuda": _has_module("pycuda")}
-    if preferred is not None:
-        if preferred not in BACKENDS:
-            raise DfqError(f"CUDA backend {preferred!r}: choose one of {', '.join(BACKENDS)}")
-        if not have[preferred]:
-            raise MissingDependencyError(f"{preferred} is not installed: pip install {preferred}")
-        return preferred
-    for name in BACKENDS:
-        if have[name]:
-            return name
-    raise MissingDependencyError("no CUDA Python bindings: pip install cuda-python (or use a pycuda install)")
-
-
-class _CudaPython:
-    """Memory, streams and events through cuda-python's runtime API (uses the primary context)."""
-
-    name = "cuda-python"
-
-    def __init__(self) -> None:
-        from dfq_deploy.export.tensorrt import _import_cudart
-
-        rt = _import_cudart()
-        if rt is None:
-            raise MissingDependencyError("cuda-python is not installed: pip install cuda-python")
-        self.rt = rt
-        self._hosts: dict[int, int] = {}  # id(array) -> pinned pointer
-
-    def _call(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            from dfq_deploy.export.tensorrt import _cuda_error_text
-
-            raise CudaError(f"CUDA {what} failed: {_cuda_error_text(self.rt, err)}")
-        if not rest:
-            return None
-        return rest[0] if len(rest) == 1 else tuple(rest)
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._call(self.rt.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
-
-    def free(self, ptr: int) -> None:
-        self._call(self.rt.cudaFree(ptr), "cudaFree")
-
-    def host_empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
-        ptr = int(self._call(self.rt.cudaMallocHost(nbytes), "cudaMallocHost"))
-        buf = (ctypes.c_byte * nbytes).from_address(ptr)
-        arr = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-        self._hosts[id(arr)] = ptr
-        return arr
-
-    def host_free(self, arr: np.ndarray) -> None:
-        ptr = self._hosts.pop(id(arr), None)
-        if ptr is not None:
-            self._call(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def stream_create(self) -> Any:
-        return self._call(self.rt.cudaStreamCreate(), "cudaStreamCreate")
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream)
-
-    def stream_sync(self, stream: Any) -> None:
-        self._call(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def stream_destroy(self, stream: Any) -> None:
-        self._call(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream),
-                   "cudaMemcpyAsync H2D")
-
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream),
-                   "cudaMemcpyAsync D2H")
-
-    def copy_htod(self, dst: int, src: np.ndarray) -> None:
-        src = np.ascontiguousarray(src)
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self.rt.cudaMemcpy(dst, src.ctypes.data, src.nbytes, kind), "cudaMemcpy H2D")
-
-    def event_create(self) -> Any:
-        return self._call(self.rt.cudaEventCreate(), "cudaEventCreate")
-
-    def event_record(self, event: Any, stream: Any) -> None:
-        self._call(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
-
-    def event_sync(self, event: Any) -> None:
-        self._call(self.rt.cudaEventSynchronize(event), "cudaEventSynchronize")
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        return float(self._call(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
-
-    def event_destroy(self, event: Any) -> None:
-        self._call(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
-
-    def close(self) -> None:
-        pass
-
-
-class _PyCuda:
-    """The same operations through pycuda, on device 0's primary context (pushed while open)."""
-
-    name = "pycuda"
-
-    def __init__(self) -> None:
-        try:
-            import pycuda.driver as drv
-        except ImportError as exc:
-            raise MissingDependencyError("pycuda is not installed: pip install pycuda") from exc
-        self.drv = drv
-        try:
-            drv.init()
-            self.ctx = drv.Device(0).retain_primary_context()
-        except Exception as exc:
-            raise CudaError(f"pycuda could not initialise CUDA: {exc}") from exc
-        self.ctx.push()
-        self._allocs: dict[int, Any] = {}
-
-    def malloc(self, nbytes: int) -> int:
-        alloc = self.drv.mem_alloc(max(int(nbytes), 1))
-        self._allocs[int(alloc)] = alloc
-        return int(alloc)
-
-    def free(self, ptr: int) -> None:
-        alloc = self._allocs.pop(int(ptr), None)
-        if alloc is not None:
-            alloc.free()
-
-    def host_empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-        return self.drv.pagelocked_empty(tuple(shape), np.dtype(dtype))
-
-    def host_free(self, arr: np.ndarray) -> None:
-        base = getattr(arr, "base", None)
-        if base is not None and hasattr(base, "free"):
-            base.free()
-
-    def stream_create(self) -> Any:
-        return self.drv.Stream()
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream.handle)
-
-    def stream_sync(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def stream_destroy(self, stream: Any) -> None:
-        del stream
-
-    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self.drv.memcpy_htod_async(dst, src, stream)
-
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self.drv.memcpy_dtoh_async(dst, src, stream)
-
-    def copy_htod(self, dst: int, src: np.ndarray) -> None:
-        self.drv.memcpy_htod(dst, np.ascontiguousarray(src))
-
-    def event_create(self) -> Any:
-        return self.drv.Event()
-
-    def event_record(self, event: Any, stream: Any) -> None:
-        event.record(stream)
-
-    def event_sync(self, event: Any) -> None:
-        event.synchronize()
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        return float(end.time_since(start))
-
-    def event_destroy(self, event: Any) -> None:
-        del event
-
-    def close(self) -> None:
-        try:
-            self.drv.Context.pop()
-        except Exception:
-            logger.debug("pycuda: no context to pop")
-
-
-def cuda_backend(preferred: str | None = None) -> _CudaPython | _PyCuda:
-    """An initialised CUDA backend (see :func:`select_backend`)."""
-    return _PyCuda() if select_backend(preferred) == "pycuda" else _CudaPython()
 
 
 # --- TensorRT engine --------------------------------------------------------------------------------------
@@ -376,7 +92,7 @@ class TRTEngine:
         self._inputs: list[TensorInfo] = []
         self._outputs: list[TensorInfo] = []
         self.tensorrt_version: str | None = None
-        self._cuda: _CudaPython | _PyCuda | None = None
+        self._cuda: CudaPython | PyCuda | None = None
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
@@ -404,15 +120,13 @@ class TRTEngine:
             return
         if not self.path.is_file():
             raise DfqError(f"engine file not found: {self.path} (build one with dfq-deploy build)")
-        from dfq_deploy.export.tensorrt import _make_trt_logger, gpu_available, require_tensorrt
-
         trt = require_tensorrt()
         ok, reason = gpu_available()
         if not ok:
             raise DfqError(f"cannot run a TensorRT engine here: no usable NVIDIA GPU ({reason})")
         try:
             self._cuda = cuda_backend(self.backend_name)
-            self._trt_logger = _make_trt_logger(trt, logger)
+            self._trt_logger = make_trt_logger(trt, logger)
             self._runtime = trt.Runtime(self._trt_logger)
             self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self._engine is None:
@@ -531,8 +245,6 @@ class TRTEngine:
     @property
     def build_info(self) -> dict[str, Any]:
         """The ``<engine>.json`` written beside the engine by ``dfq-deploy build`` (empty if absent)."""
-        from dfq_deploy.export.tensorrt import engine_metadata_path
-
         meta = engine_metadata_path(self.path)
         try:
             return dict(json.loads(meta.read_text()))
@@ -683,59 +395,3 @@ def _torch_dtype(dtype: np.dtype) -> Any:
     except KeyError as exc:
         raise DfqError(f"no torch dtype for {dtype}") from exc
 
-
-# --- ONNX Runtime -----------------------------------------------------------------------------------------
-def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bool = True, gpu: bool = False,
-                config: dict[str, str] | None = None):
-    """An ONNX Runtime ``InferenceSession``.
-
-    Args:
-        path: ONNX file (or an ``onnx.ModelProto``).
-        threads: intra-op threads (None: ONNX Runtime's default).
-        optimize: all graph optimizations (what a user deploys) or none (the reference for parity checks:
-            ORT's fused integer kernels round differently).
-        gpu: also request the TensorRT and CUDA execution providers, in that order, where this ONNX Runtime
-            build has them (a warning names the ones it lacks); CPU is always the last provider.
-        config: extra session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
-
-    Raises:
-        DfqError: the file is missing or ONNX Runtime cannot load it.
-    """
-    import onnxruntime as ort
-
-    if hasattr(path, "SerializeToString"):
-        src: Any = path.SerializeToString()
-        label = "<in-memory model>"
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise DfqError(f"ONNX file not found: {p}")
-        src, label = str(p), str(p)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        if threads < 1:
-            raise DfqError(f"threads {threads} must be >= 1")
-        so.intra_op_num_threads = int(threads)
-    for key, value in (config or {}).items():
-        so.add_session_config_entry(key, value)
-    providers = ["CPUExecutionProvider"]
-    if gpu:
-        available = set(ort.get_available_providers())
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            logger.warning("ONNX Runtime %s lacks %s: using %s", ort.__version__, missing,
-                           [p for p in wanted if p in available] + providers)
-        providers = [p for p in wanted if p in available] + providers
-    try:
-        return ort.InferenceSession(src, so, providers=providers)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfqError(f"ONNX Runtime cannot load {label}: {first}") from exc
-
-
-__all__ = ["BACKENDS", "CudaError", "InferTiming", "TRTEngine", "TensorInfo", "check_input_shape",
-           "cuda_backend", "ort_session", "select_backend", "summarize_timings"]

@@ -1,0 +1,36 @@
+"""TensorRT: build plans, engine builds, the INT8 calibrator and :class:`TRTEngine` for apps.
+
+This package is the only place in dfq-deploy that imports ``tensorrt``, and it does so inside functions, so
+importing any module here needs neither TensorRT nor a GPU. Imports run one way::
+
+    cuda -> env -> plan -> calibrator -> planner -> build -> engine      (timing stands alone)
+
+The public names are re-exported lazily from their modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "require_tensorrt": "env", "tensorrt_version": "env", "gpu_available": "env", "gpu_info": "env",
+    "trt_version_tuple": "env", "trt_severity_level": "env",
+    "CudaError": "cuda", "cuda_backend": "cuda", "select_backend": "cuda", "BACKENDS": "cuda",
+    "PRECISIONS": "plan", "EnginePlan": "plan", "ShapeProfile": "plan", "CalibratorSettings": "plan",
+    "OnnxInfo": "planner", "inspect_onnx": "planner", "parse_batch_range": "planner", "plan_build": "planner",
+    "check_trt_version": "planner", "resolve_network_mode": "planner",
+    "CalibrationBatcher": "calibrator", "load_calib_images": "calibrator", "inspect_calib_images": "calibrator",
+    "make_int8_calibrator": "calibrator", "read_cache": "calibrator", "write_cache": "calibrator",
+    "build_engine": "build", "engine_metadata": "build", "engine_metadata_path": "build",
+    "format_parser_error": "build",
+    "InferTiming": "timing", "summarize_timings": "timing", "check_input_shape": "timing",
+    "TRTEngine": "engine", "TensorInfo": "engine",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,207 @@
+"""Running the TensorRT builder for an :class:`~dfq_deploy.trt.plan.EnginePlan` (needs TensorRT and a GPU).
+
+Logger -> Builder -> network -> OnnxParser -> BuilderConfig (workspace, optimisation profile, timing cache,
+calibrator) -> serialised engine, written atomically with a ``<engine>.json`` description beside it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dfq_deploy.errors import DfqError
+from dfq_deploy.trt.calibrator import (
+    CalibrationBatcher,
+    load_calib_images,
+    make_int8_calibrator,
+    read_cache,
+    write_cache,
+)
+from dfq_deploy.trt.env import gpu_available, gpu_info, make_trt_logger, require_tensorrt
+from dfq_deploy.trt.plan import EnginePlan
+from dfq_deploy.trt.planner import check_trt_version, resolve_network_mode
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def format_parser_error(err: Any) -> str:
+    """One line for an ONNX parser error: operator, node name, description, error code.
+
+    ``node_name()``/``node_operator()`` exist from TensorRT 10; older versions give only the node index.
+    """
+
+    def call(name: str) -> Any:
+        fn = getattr(err, name, None)
+        try:
+            return fn() if callable(fn) else None
+        except Exception:
+            return None
+
+    node_name, op, index = call("node_name"), call("node_operator"), call("node")
+    where = " ".join(p for p in (str(op) if op else "", f"'{node_name}'" if node_name else "") if p)
+    if not where:
+        where = f"node #{index}" if index is not None and index >= 0 else "graph"
+    code = call("code")
+    code_name = getattr(code, "name", code)
+    desc = call("desc") or str(err)
+    return f"{where}: {desc}" + (f" [{code_name}]" if code_name is not None else "")
+
+
+def engine_metadata_path(engine_path: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], build_seconds: float,
+                    strongly_typed: bool, builder_flags: Sequence[str], onnx_sha256: str | None = None
+                    ) -> dict[str, Any]:
+    """The description written beside an engine (``model.engine.json``)."""
+    import dfq_deploy
+
+    return {
+        "engine": plan.output,
+        "tensorrt_version": trt_version,
+        "gpu": gpu.get("name"),
+        "compute_capability": gpu.get("compute_capability"),
+        "precision": plan.precision,
+        "strongly_typed": strongly_typed,
+        "builder_flags": list(builder_flags),
+        "profile": plan.profile.to_dict(),
+        "build_seconds": round(float(build_seconds), 3),
+        "onnx_sha256": onnx_sha256,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dfq_deploy": dfq_deploy.__version__,
+        "plan": plan.to_dict(),
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
+    """Build and write the TensorRT engine described by ``plan``.
+
+    Steps: check TensorRT version and GPU -> Builder -> network (strongly typed for Q/DQ) -> parse the ONNX
+    (every parser error logged with its node) -> BuilderConfig (workspace, profile, timing cache, calibrator)
+    -> ``build_serialized_network`` -> engine written atomically, timing cache saved, ``<engine>.json``.
+
+    Args:
+        plan: from :func:`plan_build`.
+        log: logger for progress and TensorRT messages (default: this module's).
+
+    Returns:
+        Path of the engine.
+
+    Raises:
+        MissingDependencyError: TensorRT or cuda-python is not installed.
+        DfqError: no GPU, wrong TensorRT version, parser errors, or a failed build (nothing is written).
+    """
+    log = log or logger
+    trt = require_tensorrt()
+    version = str(getattr(trt, "__version__", "0"))
+    check_trt_version(version, plan)
+    ok, reason = gpu_available()
+    if not ok:
+        raise DfqError(f"cannot build a TensorRT engine here: no usable NVIDIA GPU ({reason})")
+    onnx_path = Path(plan.onnx)
+    if not onnx_path.is_file():
+        raise DfqError(f"ONNX file not found: {onnx_path}")
+
+    trt_logger = make_trt_logger(trt, log)
+    builder = trt.Builder(trt_logger)
+    st_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    strongly_typed, flags = resolve_network_mode(plan, st_flag is not None)
+    if strongly_typed != plan.strongly_typed:
+        log.warning("TensorRT %s has no strongly typed networks: building weakly typed with flags %s",
+                    version, list(flags))
+    network = builder.create_network(1 << int(st_flag) if strongly_typed else 0)
+    parser = trt.OnnxParser(network, trt_logger)
+    log.info("parsing %s (TensorRT %s)", onnx_path, version)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        for e in errors:
+            log.error("ONNX parser: %s", e)
+        first = errors[0] if errors else "unknown error"
+        more = f" (+{len(errors) - 1} more, see the log)" if len(errors) > 1 else ""
+        raise DfqError(f"TensorRT {version} could not parse {onnx_path}: {first}{more}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if plan.profile.input_name not in names:
+        raise DfqError(f"the network has inputs {names}, the plan profiles '{plan.profile.input_name}': "
+                       "plan the build again")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mb << 20)
+    for name in flags:
+        member = getattr(trt.BuilderFlag, name, None)
+        if member is None:
+            raise DfqError(f"TensorRT {version} has no BuilderFlag.{name} (networks are strongly typed "
+                           "only): use a Q/DQ graph (dfq-deploy export --bits 8) or TensorRT 10")
+        config.set_flag(member)
+    prof = builder.create_optimization_profile()
+    prof.set_shape(plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
+    config.add_optimization_profile(prof)
+
+    timing_cache = None
+    if plan.timing_cache:
+        data = read_cache(plan.timing_cache) or b""
+        timing_cache = config.create_timing_cache(data)
+        if not config.set_timing_cache(timing_cache, False):
+            log.warning("timing cache %s does not match this TensorRT/GPU: starting a new one",
+                        plan.timing_cache)
+            timing_cache = config.create_timing_cache(b"")
+            config.set_timing_cache(timing_cache, False)
+        log.info("timing cache %s (%s)", plan.timing_cache, f"{len(data)} bytes" if data else "new")
+
+    calib = None
+    try:
+        if plan.calibrator is not None:
+            cs = plan.calibrator
+            images = load_calib_images(cs.calib_from, plan.profile.min[1:])
+            batcher = CalibrationBatcher(images, cs.batch_size)
+            calib = make_int8_calibrator(batcher, cs.cache_file)
+            config.int8_calibrator = calib
+            cprof = builder.create_optimization_profile()
+            cshape = batcher.shape
+            cprof.set_shape(plan.profile.input_name, cshape, cshape, cshape)
+            config.set_calibration_profile(cprof)
+            log.info("implicit INT8 calibration on %d x %d images from %s", batcher.num_batches,
+                     batcher.batch_size, cs.calib_from)
+
+        log.info("building %s engine (workspace %d MB, batch %s); this can take minutes", plan.precision,
+                 plan.workspace_mb, plan.profile.batch)
+        t0 = time.perf_counter()
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        except RuntimeError as exc:
+            raise DfqError(f"TensorRT failed to build the engine: {exc}") from exc
+        build_s = time.perf_counter() - t0
+        if calib is not None and calib.error is not None:
+            raise DfqError(f"calibration failed: {calib.error}") from calib.error
+    finally:
+        if calib is not None:
+            calib.free()
+    if serialized is None:
+        raise DfqError("TensorRT failed to build the engine (errors above); if it ran out of memory, raise "
+                       "--workspace or lower the max --batch")
+
+    out = Path(plan.output)
+    atomic_write_bytes(out, memoryview(serialized).tobytes())
+    if timing_cache is not None and plan.timing_cache:
+        write_cache(plan.timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
+    meta = engine_metadata(plan, version, gpu_info(), build_s, strongly_typed, flags, _sha256(onnx_path))
+    atomic_write_json(engine_metadata_path(out), meta)
+    log.info("wrote %s (%.2f MB) in %.1f s", out, out.stat().st_size / 1e6, build_s)
+    return out
+

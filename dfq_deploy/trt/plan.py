@@ -1,0 +1,229 @@
+"""The engine build plan as plain data: what :func:`dfq_deploy.trt.build.build_engine` will do.
+
+:class:`EnginePlan` validates itself and round-trips to JSON, so a plan can be made and checked on a machine
+without TensorRT and built on another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfq_deploy.errors import DfqError
+from dfq_deploy.trt.env import trt_version_tuple
+
+#: Precisions ``plan_build`` accepts (``dfq-deploy build --precision``).
+PRECISIONS = ("int8", "int4", "fp16", "best", "fp32")
+#: Builder flags a plan may carry (names of ``tensorrt.BuilderFlag`` members).
+BUILDER_FLAGS = ("FP16", "INT8")
+#: Calibrators ``plan_build`` accepts (``--calibrator``).
+CALIBRATORS = ("synthetic",)
+DEFAULT_WORKSPACE_MB = 1024
+DEFAULT_BATCH = (1, 8, 32)
+DEFAULT_CALIB_BATCH = 8
+
+#: Minimum TensorRT versions (the project's precision / version matrix).
+MIN_TRT_INT8_QDQ = "8.6"
+MIN_TRT_INT4 = "10.0"
+MIN_TRT_BASE = "8.6"
+#: Last TensorRT major version with implicit INT8 calibration.
+MAX_TRT_MAJOR_CALIBRATOR = 10
+#: Highest ONNX opset TensorRT 8.6's parser supports; newer graphs need TensorRT 10.
+MAX_OPSET_TRT8 = 17
+
+QDQ_ROUTE_MESSAGE = (
+    "TensorRT {version} has no implicit INT8 calibration (IInt8EntropyCalibrator2 is deprecated since 10.1 "
+    "and removed in 11): use the QDQ route instead: dfq-deploy export --bits 8, then dfq-deploy build "
+    "model.onnx --precision int8"
+)
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One optimisation profile on the network input.
+
+    Attributes:
+        input_name: input tensor name as in the ONNX graph.
+        min: smallest shape, e.g. ``(1, 3, 224, 224)``.
+        opt: shape the kernels are tuned for.
+        max: largest shape.
+    """
+
+    input_name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for k in ("min", "opt", "max"):
+            object.__setattr__(self, k, tuple(int(v) for v in getattr(self, k)))
+        if not self.input_name:
+            raise DfqError("profile: the input name is empty")
+        if not (len(self.min) == len(self.opt) == len(self.max)) or not self.min:
+            raise DfqError(f"profile: shapes of different ranks {self.min} / {self.opt} / {self.max}")
+        if any(v < 1 for v in self.min):
+            raise DfqError(f"profile: every dimension must be >= 1, got min {self.min}")
+        if any(not (a <= b <= c) for a, b, c in zip(self.min, self.opt, self.max, strict=True)):
+            raise DfqError(f"profile: need min <= opt <= max, got {self.min} / {self.opt} / {self.max}")
+        if self.min[1:] != self.max[1:]:
+            raise DfqError(f"profile: only the batch dimension may vary, got {self.min} .. {self.max}")
+
+    @property
+    def batch(self) -> tuple[int, int, int]:
+        return self.min[0], self.opt[0], self.max[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_name": self.input_name, "min": list(self.min), "opt": list(self.opt),
+                "max": list(self.max)}
+
+
+@dataclass(frozen=True)
+class CalibratorSettings:
+    """Implicit-INT8 calibration inputs.
+
+    Attributes:
+        calib_from: folder holding ``images.safetensors`` (saved synthetic calibration images).
+        cache_file: TensorRT calibration cache (read if present, written after calibration).
+        batch_size: images per calibration batch.
+    """
+
+    calib_from: str
+    cache_file: str
+    batch_size: int = DEFAULT_CALIB_BATCH
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calib_from", str(self.calib_from))
+        object.__setattr__(self, "cache_file", str(self.cache_file))
+        if not self.calib_from or not self.cache_file:
+            raise DfqError("calibrator: calib_from and cache_file must be set")
+        if int(self.batch_size) < 1:
+            raise DfqError(f"calibrator: batch size {self.batch_size} must be >= 1")
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything :func:`build_engine` does, as plain data (JSON round-trip with :meth:`to_json`).
+
+    Attributes:
+        onnx: path of the ONNX graph.
+        output: path of the engine to write.
+        precision: requested precision, one of :data:`PRECISIONS`.
+        strongly_typed: build a strongly typed network (explicit quantization).
+        builder_flags: ``tensorrt.BuilderFlag`` member names to set (never with ``strongly_typed``).
+        workspace_mb: builder workspace memory-pool limit in MiB.
+        profile: optimisation profile on the input.
+        timing_cache: timing cache file (loaded if present, saved after the build) or None.
+        calibrator: implicit-INT8 calibration settings or None.
+        min_trt_version: lowest TensorRT version that can build this plan.
+        max_trt_major: highest TensorRT major version that can build it (None: no upper bound).
+        graph_quant: quantization in the graph: ``"int8"`` (Q/DQ), ``"int4"`` (INT4 weights) or ``"none"``.
+        notes: human-readable remarks on the decisions taken.
+    """
+
+    onnx: str
+    output: str
+    precision: str
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]
+    workspace_mb: int
+    profile: ShapeProfile
+    timing_cache: str | None = None
+    calibrator: CalibratorSettings | None = None
+    min_trt_version: str = MIN_TRT_BASE
+    max_trt_major: int | None = None
+    graph_quant: str = "none"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "onnx", str(self.onnx))
+        object.__setattr__(self, "output", str(self.output))
+        object.__setattr__(self, "builder_flags", tuple(self.builder_flags))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", str(self.timing_cache))
+        if self.precision not in PRECISIONS:
+            raise DfqError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not self.onnx or not self.output:
+            raise DfqError("plan: onnx and output paths must be set")
+        if Path(self.onnx) == Path(self.output):
+            raise DfqError(f"plan: the engine would overwrite the ONNX file {self.onnx}: choose another "
+                           "--output")
+        bad = [f for f in self.builder_flags if f not in BUILDER_FLAGS]
+        if bad:
+            raise DfqError(f"plan: unknown builder flag(s) {bad}; allowed: {', '.join(BUILDER_FLAGS)}")
+        if len(set(self.builder_flags)) != len(self.builder_flags):
+            raise DfqError(f"plan: repeated builder flags {list(self.builder_flags)}")
+        if self.strongly_typed and self.builder_flags:
+            raise DfqError("plan: precision builder flags must not be set on a strongly typed network")
+        if int(self.workspace_mb) < 1:
+            raise DfqError(f"--workspace {self.workspace_mb}: the builder workspace must be at least 1 MB")
+        object.__setattr__(self, "workspace_mb", int(self.workspace_mb))
+        if not isinstance(self.profile, ShapeProfile):
+            raise DfqError("plan: profile must be a ShapeProfile")
+        if self.calibrator is not None:
+            if self.strongly_typed or "INT8" not in self.builder_flags:
+                raise DfqError("plan: a calibrator needs a weakly typed network with the INT8 flag")
+            if self.graph_quant != "none":
+                raise DfqError("plan: a calibrator cannot be used on a graph that already has Q/DQ nodes")
+        if self.graph_quant not in ("int8", "int4", "none"):
+            raise DfqError(f"plan: unknown graph_quant {self.graph_quant!r}")
+        trt_version_tuple(self.min_trt_version)  # validates
+
+    # JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "onnx": self.onnx,
+            "output": self.output,
+            "precision": self.precision,
+            "strongly_typed": self.strongly_typed,
+            "builder_flags": list(self.builder_flags),
+            "workspace_mb": self.workspace_mb,
+            "profile": self.profile.to_dict(),
+            "timing_cache": self.timing_cache,
+            "calibrator": self.calibrator.to_dict() if self.calibrator else None,
+            "min_trt_version": self.min_trt_version,
+            "max_trt_major": self.max_trt_major,
+            "graph_quant": self.graph_quant,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EnginePlan:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            DfqError: missing or unknown keys, or values that fail validation.
+        """
+        if not isinstance(data, dict):
+            raise DfqError("engine plan must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DfqError(f"engine plan has unknown keys {unknown}")
+        d = dict(data)
+        try:
+            d["profile"] = ShapeProfile(**d["profile"])
+            if d.get("calibrator") is not None:
+                d["calibrator"] = CalibratorSettings(**d["calibrator"])
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise DfqError(f"engine plan is incomplete or malformed: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> EnginePlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DfqError(f"engine plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
