@@ -10,7 +10,7 @@ An export passes when both checks below pass; ``report.json`` records the rule, 
    tell from rounding.
 2. **Logits** (statistical). ONNX Runtime (CPU, graph optimizations off) and PyTorch run the same inputs: the
    calibration images and a few hundred cheap held-back probes (:func:`parity_probes`). Per input ``i``, the
-   error is ``e_i = max_c |ort_ic - torch_ic| / S`` with ``S`` the median over inputs of the reference logits'
+   error is ``e_i = max_c |ort_ic - torch_ic| / S`` with ``S`` the median over all inputs of the reference logits'
    standard deviation across classes. Its tolerance comes from the model itself: the same error between the
    PyTorch model in float32 and in float64 (the *rounding null*: what changing nothing but float rounding does
    to the logits, activation rounding steps included) on up to :data:`NULL_INPUTS` inputs::
@@ -19,9 +19,12 @@ An export passes when both checks below pass; ``report.json`` records the rule, 
 
    An input *disagrees* when ``e_i > tol``; a top-1 flip is explained by rounding when its input does not
    disagree (a flip needs a reference margin below ``2 e_i``), so near-tied inputs cannot fail a correct export.
-   The export passes when at most ``1 - threshold`` of the inputs of every set disagree and the median error is
-   at most ``max(MEDIAN_FACTOR * median_i null_i, FLOAT_RTOL)``: a systematic fault moves every input, rounding
-   only some.
+   The export passes when at most ``1 - threshold`` of the inputs of every set disagree and the median error over
+   all inputs together is at most ``max(MEDIAN_FACTOR * median_i null_i, FLOAT_RTOL)``: a systematic fault moves
+   every input, rounding only some. The median is pooled because the null is measured on the pooled inputs and
+   because a set of a few inputs has no meaningful median: the calibration images themselves set the ranges, so
+   their activations sit on quantization-grid edges more often than other inputs' (measured: 2 calibration
+   images of a random-weight DeiT with median error 7e-3 where the 258 probes and the null have 1e-6).
 
 False alarms, measured (``bench/results/parity-*.json``, ``bench/parity.py``): on correct exports of the bundled
 model and of random-weight DeiT / ViT (avg pool, no class token) / Swin at every deployable preset and several
@@ -66,10 +69,11 @@ MEDIAN_FACTOR = 2.0
 WORST = 5
 
 RULE = (
-    "input i disagrees when max_c |ort - torch| / S > tol, S = median over inputs of std_c(torch logits), "
+    "input i disagrees when max_c |ort - torch| / S > tol, S = median over all inputs of std_c(torch logits), "
     f"tol = max({NULL_FACTOR:g} x max float32-vs-float64 error of the PyTorch model, {FLOAT_RTOL:g}); a top-1 "
     "flip is explained by rounding unless its input disagrees; pass: every set has at most 1 - threshold of its "
-    f"inputs disagreeing and a median error <= max({MEDIAN_FACTOR:g} x the float64 null's median, {FLOAT_RTOL:g}), "
+    f"inputs disagreeing and the median error over all inputs <= max({MEDIAN_FACTOR:g} x the float64 null's median, "
+    f"{FLOAT_RTOL:g}), "
     "and the graph holds exactly the model's quantizers (activation Q/DQ scales, dequantized weights)"
 )
 
@@ -120,8 +124,16 @@ def parity_probes(calib: torch.Tensor, n: int = NUM_PROBES, seed: int = 0) -> to
     return torch.cat([mix, noise])
 
 
-def compare_logits(ref: np.ndarray, out: np.ndarray, tol: float | None = None) -> dict[str, Any]:
-    """Agreement figures of two ``[N, C]`` logit arrays; with ``tol``, per-input disagreement under :data:`RULE`."""
+def compare_logits(ref: np.ndarray, out: np.ndarray, tol: float | None = None,
+                   scale: float | None = None) -> dict[str, Any]:
+    """Agreement figures of two ``[N, C]`` logit arrays; with ``tol``, per-input disagreement under :data:`RULE`.
+
+    Args:
+        ref: reference logits (PyTorch).
+        out: logits to check (ONNX Runtime).
+        tol: disagreement tolerance relative to the logit scale; None for the plain figures only.
+        scale: the logit scale ``S``; default: the median std of ``ref``'s logits.
+    """
     ref, out = ref.astype(np.float64), out.astype(np.float64)
     diff = np.abs(ref - out)
     flips = ref.argmax(-1) != out.argmax(-1)
@@ -131,7 +143,7 @@ def compare_logits(ref: np.ndarray, out: np.ndarray, tol: float | None = None) -
         "flips": int(flips.sum()),
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
-        "logit_scale": _logit_scale(ref),
+        "logit_scale": _logit_scale(ref) if scale is None else float(scale),
     }
     if tol is not None:
         err = diff.max(-1) / res["logit_scale"]
@@ -154,11 +166,15 @@ def _logit_scale(ref: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray) -> dict[str, float]:
-    """Per-input relative logit error between ``model`` in float32 (``ref``) and a float64 copy of it."""
+def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray,
+                  scale: float | None = None) -> dict[str, float]:
+    """Per-input relative logit error between ``model`` in float32 (``ref``) and a float64 copy of it.
+
+    ``scale`` is the logit scale the errors are relative to (default: the median std of ``ref``'s logits).
+    """
     m64 = copy.deepcopy(model).double()
     r64 = run_torch(m64, images.double())
-    err = np.abs(r64 - ref.astype(np.float64)).max(-1) / _logit_scale(ref)
+    err = np.abs(r64 - ref.astype(np.float64)).max(-1) / (_logit_scale(ref) if scale is None else scale)
     return {"n": int(len(images)), "median": float(np.median(err)), "max": float(err.max())}
 
 
@@ -290,18 +306,25 @@ def measure_parity(
     refs = {name: run_torch(model, x) for name, x in inputs.items()}
     all_x = torch.cat(list(inputs.values()))
     pick = torch.linspace(0, len(all_x) - 1, min(NULL_INPUTS, len(all_x))).round().long()
-    null = rounding_null(model, all_x[pick], np.concatenate(list(refs.values()))[pick.numpy()])
+    all_ref = np.concatenate(list(refs.values()))
+    scale = _logit_scale(all_ref)
+    null = rounding_null(model, all_x[pick], all_ref[pick.numpy()], scale)
     tol = max(NULL_FACTOR * null["max"], FLOAT_RTOL)
     out: dict[str, Any] = {}
+    errors = []
     for name, x in inputs.items():
-        out[name] = compare_logits(refs[name], run_session(session, x), tol)
+        got = run_session(session, x)
+        out[name] = compare_logits(refs[name], got, tol, scale)
+        errors.append(np.abs(refs[name].astype(np.float64) - got).max(-1) / scale)
         logger.info("parity on %s: %d of %d inputs beyond rounding (median error %.3g, tolerance %.3g)", name,
                     out[name]["disagreeing"], out[name]["n"], out[name]["median_error"], tol)
     sets = list(out.values())
+    pooled = float(np.median(np.concatenate(errors)))
     structure = structure_parity(model, proto)
-    out.update(rule=RULE, threshold=threshold, tolerance=tol, null=null, structure=structure)
-    numeric_ok = all(v["disagreeing_fraction"] <= 1 - threshold and v["median_error"] <= _median_bound(null)
-                     for v in sets)
+    out.update(rule=RULE, threshold=threshold, tolerance=tol, null=null, structure=structure,
+               median_error=pooled, median_bound=_median_bound(null))
+    numeric_ok = (all(v["disagreeing_fraction"] <= 1 - threshold for v in sets)
+                  and pooled <= _median_bound(null))
     out["checks"] = {"logits": numeric_ok, "structure": not structure["problems"]}
     out["passed"] = threshold == 0 or all(out["checks"].values())
     return out
@@ -327,6 +350,12 @@ def require_parity(parity: dict[str, Any]) -> None:
         raise DfqError(f"the ONNX graph does not hold the model's quantizers: {problems[0]}{more}: {tail}")
     name, worst = max(parity_sets(parity).items(),
                       key=lambda kv: (kv[1]["disagreeing_fraction"], kv[1]["median_error"]))
+    if worst["disagreeing_fraction"] <= 1 - parity["threshold"]:
+        raise DfqError(
+            f"ONNX Runtime's logits differ from the PyTorch model's on every input: median error "
+            f"{parity['median_error']:.3g} x logit scale over all inputs, rounding explains at most "
+            f"{parity['median_bound']:.3g}: {tail}"
+        )
     raise DfqError(
         f"ONNX Runtime's logits differ from the PyTorch model's beyond rounding on {worst['disagreeing']} of "
         f"{worst['n']} {name} inputs (median error {worst['median_error']:.3g}, tolerance {parity['tolerance']:.3g} "
