@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES
 from dfq_deploy.errors import DfqError
 
 logger = logging.getLogger("dfq_deploy")
@@ -47,7 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     spec = _spec(args)
     out = args.output or f"out/{spec.name}-{cfg.name}"
     report = export_model(ExportOptions(
-        model=spec, bits=args.bits, output=out, calib=args.calib, calib_dir=args.calib_dir,
+        model=spec, bits=args.bits, dtype=args.dtype, output=out, calib=args.calib, calib_dir=args.calib_dir,
         num_samples=args.num_samples, synth_iters=args.synth_iters, seed=args.seed, config=cfg,
         parity_threshold=args.parity_threshold,
         eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
@@ -180,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export", parents=[common], help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
     _model_args(e)
-    e.add_argument("--bits", type=int, default=8, help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float); default 8")
+    e.add_argument("--bits", type=int, default=8,
+                   help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float graph in FP16/FP32); default 8")
     e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
+    e.add_argument("--dtype", choices=GRAPH_DTYPES,
+                   help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default; what TensorRT builds) or fp32 "
+                        "(CPU runtimes); input and output stay float32")
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
     e.add_argument("--calib", default=DEFAULT_CALIB,
                    help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {DEFAULT_CALIB}, "

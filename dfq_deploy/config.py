@@ -151,6 +151,10 @@ PRESETS: dict[str, QuantConfig] = {
 
 W8A8, W4A16, W3A16, W2A16 = PRESETS["W8A8"], PRESETS["W4A16"], PRESETS["W3A16"], PRESETS["W2A16"]
 
+#: Compute types of an exported graph: FP16 is what TensorRT should build (it keeps the graph's types), FP32 is for
+#: CPU runtimes. Input and output are FP32 either way.
+GRAPH_DTYPES = ("fp16", "fp32")
+
 #: ``export --bits`` -> preset. 16 and 32 are float reference exports.
 EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16: "FP32"}
 

@@ -24,7 +24,7 @@ from dfq_deploy.calib.qmodel import batches_loop, quantize
 from dfq_deploy.calib.reconstruct import reconstruct_
 from dfq_deploy.calib.reparam import reparam_layernorm_
 from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, load_synth_dir
-from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, QuantConfig, preset_for_bits
+from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES, QuantConfig, preset_for_bits
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
@@ -44,7 +44,10 @@ class ExportOptions:
 
     Attributes:
         model: which model to build.
-        bits: 8 (W8A8), 4 (W4A16), 3 (W3A16), 16 or 32 (float reference graphs).
+        bits: 8 (W8A8), 4 (W4A16), 3 (W3A16), 16 or 32 (float graphs in FP16 / FP32).
+        dtype: the graph's compute type (:data:`dfq_deploy.config.GRAPH_DTYPES`): ``fp16``, what TensorRT should
+            build, or ``fp32`` for CPU runtimes; None: the bit width's own, ``fp32`` for ``bits=32`` and ``fp16``
+            otherwise.
         output: output folder (``model.onnx``, ``report.json``).
         calib: calibration source name (``noise``, ``real`` or a registered synthesizer).
         calib_from: a saved ``dfq-deploy synth`` output folder to calibrate with instead of running ``calib``.
@@ -71,6 +74,7 @@ class ExportOptions:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     bits: int = 8
+    dtype: str | None = None
     output: str | Path = "out"
     calib: str = DEFAULT_CALIB
     calib_dir: str | Path | None = None
@@ -92,6 +96,13 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.config is None:
             self.config = preset_for_bits(self.bits)
+        bits_dtype = {16: "fp16", 32: "fp32"}.get(self.bits) if self.config.w_bits is None else None
+        if self.dtype is None:
+            self.dtype = bits_dtype or GRAPH_DTYPES[0]
+        if self.dtype not in GRAPH_DTYPES:
+            raise DfqError(f"--dtype {self.dtype} is unknown: use one of {', '.join(GRAPH_DTYPES)}")
+        if bits_dtype and self.dtype != bits_dtype:
+            raise DfqError(f"--bits {self.bits} is the {bits_dtype} float graph: drop --dtype {self.dtype}")
         if not self.config.deployable:
             raise DfqError(f"{self.config.name} is simulated only (no TensorRT kernel): export a deployable preset")
         if self.synth_iters is not None and self.synth_iters < 1:
@@ -171,7 +182,7 @@ def stage_plan(opts: ExportOptions, n_probes: int = NUM_PROBES) -> list[str]:
     if _calibrates(opts):
         plan += ["reparameterise"] * opts.reparam + [f"reconstruct ({opts.reconstruct_iters} steps a block)"] * \
             opts.reconstruct + [f"correct ({opts.correct})"] * (opts.correct != "none")
-    plan += ["export ONNX + lint", f"parity ({2 * opts.num_samples + n_probes} inputs)"]
+    plan += [f"export {opts.dtype.upper()} ONNX + lint", f"parity ({2 * opts.num_samples + n_probes} inputs)"]
     if opts.eval_data is not None:
         plan.append(f"accuracy on {opts.eval_data}" + (f" ({opts.eval_limit} images)" if opts.eval_limit else ""))
     return plan
@@ -185,9 +196,7 @@ def time_summary(timings: dict[str, float]) -> str:
 
 
 def precision_of(cfg: QuantConfig) -> str:
-    """TensorRT precision name of a deployable config (``fp32``, ``int8`` or ``int4``)."""
-    if cfg.w_bits is None:
-        return "fp32"
+    """TensorRT precision name of a deployable quantized config (``int8`` or ``int4``)."""
     return "int8" if cfg.w_storage_bits == 8 else "int4"
 
 
@@ -237,7 +246,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         png = plot_block_errors(correction, title=f"{opts.model.name} {cfg.name}, correction {opts.correct}")
 
     t = time.perf_counter()
-    proto = to_onnx(model, data_cfg=dcfg)
+    proto = to_onnx(model, data_cfg=dcfg, dtype=opts.dtype)
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -255,7 +264,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             "model": opts.model.to_dict(),
             "data_config": dcfg,
             "quant_config": cfg.to_dict(),
-            "precision": "fp16" if opts.bits == 16 and cfg.w_bits is None else precision_of(cfg),
+            "precision": opts.dtype if cfg.w_bits is None else precision_of(cfg),  # the integer type, if any
+            "dtype": opts.dtype,
             "calibration": {"source": source, "num_samples": len(calib), "seed": opts.seed,
                             "dir": str(opts.calib_dir) if opts.calib_dir else None,
                             "from": str(opts.calib_from) if opts.calib_from else None,

@@ -35,6 +35,7 @@ def test_export_and_eval(tmp_path, capsys, caplog, bits, calib):
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["name"] == {"8": "W8A8", "4": "W4A16"}[bits]
     assert report["precision"] == {"8": "int8", "4": "int4"}[bits]
+    assert report["dtype"] == report["parity"]["graph_dtype"] == "fp16"  # the default: what TensorRT builds
     assert report["calibration"]["source"] == calib and report["calibration"]["num_samples"] == 8
     assert report["parity"]["passed"] and report["parity"]["held_back"]["n"] == 8 + NUM_PROBES
     assert report["lint"] == []
@@ -247,3 +248,30 @@ def test_export_default_calibration_is_data_free():
     assert args.calib == ExportOptions().calib == DEFAULT_CALIB
     assert DEFAULT_CALIB in METHODS.names()  # a synthesis method: neither noise nor real data
     assert args.synth_iters == ExportOptions().synth_iters == DEFAULT_SYNTH_ITERS
+
+
+@pytest.mark.parametrize("flags, dtype, precision", [
+    (["--bits", "16"], "fp16", "fp16"), (["--bits", "32"], "fp32", "fp32"),
+    (["--bits", "8", "--dtype", "fp32"], "fp32", "int8"),
+])
+def test_export_graph_dtype(tmp_path, capsys, flags, dtype, precision):
+    import onnx
+
+    from dfq_deploy.export.fp16 import graph_dtype
+
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", *flags, "--calib", "noise",
+                        "--num-samples", "4", "--output", str(out), "-q")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtype"] == dtype and report["precision"] == precision
+    assert graph_dtype(onnx.load(str(out / "model.onnx"))) == dtype
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--bits", "16", "--dtype", "fp32"], "--bits 16 is the fp16 float graph"),
+    (["--bits", "32", "--dtype", "fp16"], "--bits 32 is the fp32 float graph"),
+])
+def test_export_dtype_conflicts_one_line(tmp_path, capsys, flags, needle):
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", *flags, "--output", str(tmp_path / "o"), "-q")
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

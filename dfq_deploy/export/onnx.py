@@ -8,9 +8,11 @@ Stages, top to bottom:
   4. replace each weight by INT8 / INT4 integers behind a ``DequantizeLinear`` (per output channel on axis 1,
      or blocked along K with ``block_size``), and put ``QuantizeLinear -> DequantizeLinear`` (INT8, zero
      point 0, per-tensor) on the activation inputs that the PyTorch model quantizes;
-  5. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
+  5. convert the graph's compute type to FP16 (:mod:`dfq_deploy.export.fp16`; the default, for TensorRT) or keep
+     FP32 (for CPU runtimes);
+  6. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
      and apps preprocess like the model;
-  6. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
+  7. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def _scalar(q: ActQuantizer, name: str) -> float:
 
 
 def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
-            data_cfg: dict | None = None) -> onnx.ModelProto:
+            data_cfg: dict | None = None, dtype: str = "fp16") -> onnx.ModelProto:
     """The deployable QDQ ONNX of a (fake-)quantized model, checked by ``onnx.checker`` and the linter.
 
     Args:
@@ -224,14 +226,22 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
         input_size: ``(C, H, W)``; default: the data config's.
         data_cfg: the timm data config stored in the graph's metadata; default:
             :func:`dfq_deploy.models.data_config` of ``model``.
+        dtype: the graph's compute type, ``"fp16"`` (what TensorRT should build) or ``"fp32"``; input and
+            output are FP32 either way.
     """
+    from dfq_deploy.config import GRAPH_DTYPES
+    from dfq_deploy.export.fp16 import to_fp16
     from dfq_deploy.export.lint import check_onnx
     from dfq_deploy.models import data_config
 
+    if dtype not in GRAPH_DTYPES:
+        raise DfqError(f"graph dtype '{dtype}' is unknown: use one of {', '.join(GRAPH_DTYPES)}")
     data_cfg = dict(data_config(model) if data_cfg is None else data_cfg)
     proto = export_float_onnx(model, tuple(input_size or data_cfg["input_size"]))
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         insert_qdq(proto, model)
+    if dtype == "fp16":
+        proto = to_fp16(proto)
     meta = proto.metadata_props.add()
     meta.key, meta.value = DATA_CONFIG_KEY, json.dumps(data_cfg)
     try:

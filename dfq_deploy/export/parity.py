@@ -5,15 +5,20 @@ An export passes when both checks below pass; ``report.json`` records the rule, 
 1. **Structure** (exact). The graph must hold the model's quantizers and nothing else: every enabled activation
    quantizer appears as one ``QuantizeLinear -> DequantizeLinear`` pair with its scale and zero point 0, and every
    quantized weight dequantizes (integers x scales, per channel or per block, in the layout its MatMul/Gemm
-   reads) to the model's fake-quant weight, to float32 precision. This catches faults below the rounding noise
+   reads) to the model's fake-quant weight, to float32 precision (with the scales rounded to FP16 first in an
+   FP16 graph). This catches faults below the rounding noise
    of an INT8 graph (a missing Q/DQ pair on a late layer, one wrong channel scale), which no logit comparison can
    tell from rounding.
 2. **Logits** (statistical). ONNX Runtime (CPU, graph optimizations off) and PyTorch run the same inputs: the
    calibration images and a few hundred cheap held-back probes (:func:`parity_probes`). Per input ``i``, the
    error is ``e_i = max_c |ort_ic - torch_ic| / S`` with ``S`` the median over all inputs of the reference logits'
    standard deviation across classes. Its tolerance comes from the model itself: the same error between the
-   PyTorch model in float32 and in float64 (the *rounding null*: what changing nothing but float rounding does
-   to the logits, activation rounding steps included) on up to :data:`NULL_INPUTS` inputs::
+   PyTorch model in float32 and the same model in another float precision (the *rounding null*: what changing
+   nothing but float rounding does to the logits, activation rounding steps included) on up to
+   :data:`NULL_INPUTS` inputs. The other precision is the one whose rounding the graph adds (:data:`NULL_DTYPES`):
+   float64 for an FP32 graph (float32 rounding itself), float16 for an FP16 graph. The reference stays the
+   float32 model that was calibrated, so the FP16 graph is judged against the model, not against a second copy
+   of FP16 rounding; and the null cannot be taken from the graph itself::
 
        tol = max(NULL_FACTOR * max_i null_i, FLOAT_RTOL)
 
@@ -50,6 +55,7 @@ from torch import nn
 
 from dfq_deploy.calib.qmodel import attention_modules, quant_linears
 from dfq_deploy.errors import DfqError
+from dfq_deploy.export.fp16 import graph_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +63,13 @@ logger = logging.getLogger(__name__)
 NUM_PROBES = 256
 #: Seed offset of the probes, so they never repeat the calibration draw.
 PROBE_SEED_OFFSET = 2_000_003
-#: Inputs the float64 rounding null is measured on.
+#: Inputs the rounding null is measured on.
 NULL_INPUTS = 128
-#: Tolerance = this many times the largest float32-vs-float64 error of the PyTorch model.
+#: Graph dtype -> the precision the PyTorch model is run in for the rounding null.
+NULL_DTYPES = {"fp32": torch.float64, "fp16": torch.float16}
+#: Graph dtype -> the type its Q/DQ scales are stored in.
+SCALE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+#: Tolerance = this many times the largest error of the rounding null.
 NULL_FACTOR = 8.0
 #: Smallest tolerance, relative to the logit scale (float graphs and weight-only graphs round only in float32).
 FLOAT_RTOL = 1e-4
@@ -70,9 +80,10 @@ WORST = 5
 
 RULE = (
     "input i disagrees when max_c |ort - torch| / S > tol, S = median over all inputs of std_c(torch logits), "
-    f"tol = max({NULL_FACTOR:g} x max float32-vs-float64 error of the PyTorch model, {FLOAT_RTOL:g}); a top-1 "
+    f"tol = max({NULL_FACTOR:g} x max error of the PyTorch model run in float64 (FP32 graph) or float16 (FP16 "
+    f"graph) against float32, {FLOAT_RTOL:g}); a top-1 "
     "flip is explained by rounding unless its input disagrees; pass: every set has at most 1 - threshold of its "
-    f"inputs disagreeing and the median error over all inputs <= max({MEDIAN_FACTOR:g} x the float64 null's median, "
+    f"inputs disagreeing and the median error over all inputs <= max({MEDIAN_FACTOR:g} x the null's median, "
     f"{FLOAT_RTOL:g}), "
     "and the graph holds exactly the model's quantizers (activation Q/DQ scales, dequantized weights)"
 )
@@ -166,20 +177,35 @@ def _logit_scale(ref: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray,
-                  scale: float | None = None) -> dict[str, float]:
-    """Per-input relative logit error between ``model`` in float32 (``ref``) and a float64 copy of it.
+def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray, scale: float | None = None,
+                  dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+    """Per-input relative logit error between ``model`` in float32 (``ref``) and a copy of it in ``dtype``.
 
-    ``scale`` is the logit scale the errors are relative to (default: the median std of ``ref``'s logits).
+    Args:
+        model: the float32 model ``ref`` came from.
+        images: its inputs.
+        ref: ``model``'s logits of ``images``.
+        scale: the logit scale the errors are relative to (default: the median std of ``ref``'s logits).
+        dtype: the other precision (see :data:`NULL_DTYPES`). In float16 the copy holds the graph's dequantized
+            weights (integers times FP16 scales) instead of re-quantizing FP16 weights, whose integers would flip
+            on grid edges where the graph's cannot.
     """
-    m64 = copy.deepcopy(model).double()
-    r64 = run_torch(m64, images.double())
-    err = np.abs(r64 - ref.astype(np.float64)).max(-1) / (_logit_scale(ref) if scale is None else scale)
-    return {"n": int(len(images)), "median": float(np.median(err)), "max": float(err.max())}
+    other = copy.deepcopy(model)
+    if dtype == torch.float16:  # the integer weights are fixed in the graph: only the arithmetic runs in FP16
+        for _, lin in quant_linears(other):
+            if lin.weight_quantizer is not None and lin.weight_quantizer.enabled:
+                lin.weight.data = torch.from_numpy(_dequantized_weight(lin, np.float16))
+                lin.weight_quantizer.enabled = False
+    got = run_torch(other.to(dtype), images.to(dtype)).astype(np.float64)
+    err = np.abs(got - ref.astype(np.float64)).max(-1) / (_logit_scale(ref) if scale is None else scale)
+    return {"n": int(len(images)), "dtype": str(dtype).removeprefix("torch."), "median": float(np.median(err)),
+            "max": float(err.max())}
 
 
 def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]:
     """Check that ``proto`` holds exactly ``model``'s enabled quantizers (see the module docstring).
+
+    The model's scales are compared after rounding to the type the graph stores them in (FP16 or FP32).
 
     Returns:
         ``{"activation_qdq": {"graph": n, "model": m}, "weights": {...}, "problems": [one line each]}``.
@@ -194,7 +220,8 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
     problems: list[str] = []
 
     # activations: model scales vs graph Q -> DQ pairs
-    want = Counter(np.float32(q.scale).item() for q in _enabled_act_quantizers(model))
+    sdtype = SCALE_DTYPES[graph_dtype(proto)]
+    want = Counter(float(sdtype(q.scale.item())) for q in _enabled_act_quantizers(model))
     got: Counter[float] = Counter()
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
@@ -210,7 +237,7 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
         if sq is None or sdq is None or sq.size != 1 or not np.array_equal(sq, sdq):
             problems.append(f"{q.name}: Q and DQ scales differ or are not per-tensor constants")
             continue
-        got[np.float32(sq).item()] += 1
+        got[float(sq.reshape(()))] += 1
     n_model, n_graph = sum(want.values()), sum(got.values())
     if want != got:
         missing, extra = sum((want - got).values()), sum((got - want).values())
@@ -218,7 +245,7 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
                         f"({missing} of the model's scales missing, {extra} not in the model)")
 
     # weights: model fake-quant weights [out, in] vs dequantized graph weights in the layout their consumer reads
-    model_w = [(name, _fake_quant_weight(lin)) for name, lin in quant_linears(model)
+    model_w = [(name, _dequantized_weight(lin, sdtype)) for name, lin in quant_linears(model)
                if lin.weight_quantizer is not None and lin.weight_quantizer.enabled]
     unmatched = list(model_w)
     n_wdq = 0
@@ -253,8 +280,11 @@ def _enabled_act_quantizers(model: nn.Module) -> list[Any]:
 
 
 @torch.no_grad()
-def _fake_quant_weight(lin: nn.Module) -> np.ndarray:
-    return lin.weight_quantizer(lin.weight.detach().float()).numpy()
+def _dequantized_weight(lin: nn.Module, scale_dtype: type) -> np.ndarray:
+    """The model's integer weight times its scales rounded to ``scale_dtype``, in float32 ``[out, in]``."""
+    wq, w = lin.weight_quantizer, lin.weight.detach().float()
+    scale = torch.from_numpy(wq.full_scale(w).numpy().astype(scale_dtype).astype(np.float32))
+    return (wq._grouped(wq.integers(w)) * scale).reshape(w.shape).numpy()
 
 
 def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -303,12 +333,13 @@ def measure_parity(
         ``{set name: figures, ..., "rule", "threshold", "tolerance", "null", "structure", "checks", "passed"}``.
     """
     session = reference_session(proto)
+    dtype = graph_dtype(proto)
     refs = {name: run_torch(model, x) for name, x in inputs.items()}
     all_x = torch.cat(list(inputs.values()))
     pick = torch.linspace(0, len(all_x) - 1, min(NULL_INPUTS, len(all_x))).round().long()
     all_ref = np.concatenate(list(refs.values()))
     scale = _logit_scale(all_ref)
-    null = rounding_null(model, all_x[pick], all_ref[pick.numpy()], scale)
+    null = rounding_null(model, all_x[pick], all_ref[pick.numpy()], scale, NULL_DTYPES[dtype])
     tol = max(NULL_FACTOR * null["max"], FLOAT_RTOL)
     out: dict[str, Any] = {}
     errors = []
@@ -321,7 +352,7 @@ def measure_parity(
     sets = list(out.values())
     pooled = float(np.median(np.concatenate(errors)))
     structure = structure_parity(model, proto)
-    out.update(rule=RULE, threshold=threshold, tolerance=tol, null=null, structure=structure,
+    out.update(rule=RULE, graph_dtype=dtype, threshold=threshold, tolerance=tol, null=null, structure=structure,
                median_error=pooled, median_bound=_median_bound(null))
     numeric_ok = (all(v["disagreeing_fraction"] <= 1 - threshold for v in sets)
                   and pooled <= _median_bound(null))

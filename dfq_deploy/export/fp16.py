@@ -1,0 +1,118 @@
+"""The graph's compute type: FP16 for TensorRT, FP32 kept for CPU runtimes.
+
+TensorRT builds Q/DQ graphs strongly typed and keeps the graph's own types: a ``DequantizeLinear``'s output type
+is its scale's type (NvInfer.h 10.3, ``IDequantizeLayer``), so a graph typed FP32 runs FP32 between its integer
+matmuls. :func:`to_fp16` converts every float tensor of an exported graph to FP16 (weights, biases, LayerNorm
+affines, Q/DQ scales, which ONNX allows in FP16 from opset 19), leaves INT8/INT4 integers and zero points as they
+are, and keeps the graph's input and output FP32 with one ``Cast`` each, so apps still feed float32.
+
+The converter is onnxconverter-common's ``convert_float_to_float16`` (ONNX's own converter package, a few
+pure-Python dependencies): it converts initializers, ``Constant`` nodes, ``Cast`` targets and value infos, and
+only touches float tensors, which is exactly the QDQ rule. Model Optimizer's ``modelopt.onnx.autocast`` does the
+same job but brings nvidia-modelopt and its GPU-oriented dependencies into a CPU export. Two things are done
+around the converter: values beyond FP16's range raise (the converter would clip them silently), and the one
+``Cast`` per consumer it puts on the input is merged into one.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from dfq_deploy.errors import DfqError
+
+logger = logging.getLogger(__name__)
+
+#: Largest finite float16.
+FP16_MAX = float(np.finfo(np.float16).max)
+#: Smallest positive (subnormal) float16: smaller magnitudes become this instead of 0.
+FP16_TINY = float(2.0**-24)
+#: ONNX element type of each graph dtype.
+ELEM_TYPES = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
+
+
+def graph_dtype(proto: onnx.ModelProto) -> str:
+    """``"fp16"`` when ``proto`` computes in FP16 (its float initializers are FP16), else ``"fp32"``."""
+    types = {t.data_type for t in proto.graph.initializer} & set(ELEM_TYPES.values())
+    return "fp16" if types == {TensorProto.FLOAT16} else "fp32"
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP16-typed copy of the FP32 graph ``proto`` with FP32 input and output (see the module docstring).
+
+    Raises:
+        DfqError: onnxconverter-common is missing, or a float constant does not fit in FP16.
+    """
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise DfqError("FP16 export needs onnxconverter-common: pip install onnxconverter-common "
+                       "(or export --dtype fp32)") from exc
+    if graph_dtype(proto) == "fp16":
+        raise DfqError("the graph is already FP16: convert the FP32 export")
+    _check_range(proto)
+    with warnings.catch_warnings():  # one warning per weight below FP16_TINY, which becomes FP16_TINY
+        warnings.simplefilter("ignore", UserWarning)
+        out = float16.convert_float_to_float16(proto, min_positive_val=FP16_TINY, max_finite_val=FP16_MAX,
+                                               keep_io_types=True, op_block_list=[])
+    _merge_input_casts(out)
+    left = float_tensors(out)
+    if left:
+        raise DfqError(f"FP16 conversion left {len(left)} FP32 tensor(s) inside the graph (first: {left[0]})")
+    return out
+
+
+def _check_range(proto: onnx.ModelProto) -> None:
+    consts = list(proto.graph.initializer) + [a.t for n in proto.graph.node if n.op_type == "Constant"
+                                              for a in n.attribute if a.name == "value"]
+    for t in consts:
+        if t.data_type != TensorProto.FLOAT:
+            continue
+        arr = numpy_helper.to_array(t)
+        if arr.size and float(np.abs(arr).max()) > FP16_MAX:
+            raise DfqError(f"constant {t.name} holds |{float(np.abs(arr).max()):.3g}| beyond the FP16 range "
+                           f"({FP16_MAX:g}): export --dtype fp32")
+
+
+def _merge_input_casts(proto: onnx.ModelProto) -> None:
+    """One ``Cast`` per graph input: the converter adds one per consumer (e.g. the batch ``Shape`` and the stem)."""
+    graph = proto.graph
+    for inp in graph.input:
+        casts = [n for n in graph.node if n.op_type == "Cast" and list(n.input) == [inp.name]]
+        if len(casts) < 2:
+            continue
+        keep = casts[0]
+        rename = {c.output[0]: keep.output[0] for c in casts[1:]}
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name in rename:
+                    n.input[i] = rename[name]
+        for c in casts[1:]:
+            graph.node.remove(c)
+        drop = set(rename)
+        kept_vi = [vi for vi in graph.value_info if vi.name not in drop]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_vi)
+
+
+def float_tensors(proto: onnx.ModelProto) -> list[str]:
+    """Names of FP32 tensors inside ``proto`` other than its input, its output and their ``Cast`` neighbours.
+
+    Empty for a graph that computes in FP16 end to end.
+    """
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    graph = inferred.graph
+    io = {v.name for v in list(graph.input) + list(graph.output)}
+    skip = set(io)
+    for n in graph.node:
+        if n.op_type == "Cast" and (n.input[0] in io or n.output[0] in io):
+            skip.update(n.input)
+            skip.update(n.output)
+    names = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT]
+    names += [v.name for v in graph.value_info
+              if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in skip]
+    return names
