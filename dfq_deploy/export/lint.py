@@ -9,7 +9,14 @@ Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised i
 * ``per-channel-on-activation``: per-axis or blocked (de)quantization only on constant (weight) inputs;
 * ``int4``: INT4 only as weight-only: an INT4 constant feeding ``DequantizeLinear``, one blocked axis
   (last or second-to-last), even last dimension; no ``QuantizeLinear`` to INT4;
-* ``opset``: INT4 or blocked quantization needs opset >= 21;
+* ``block``: blocked ``DequantizeLinear`` only on 2-D INT4 constants, with a block size that divides the
+  blocked dimension exactly and a scale of the input's shape with that dimension divided by the block size;
+* ``axis``: a per-axis scale has one entry for each index of the quantized axis;
+* ``opset``: INT4 or blocked quantization needs opset >= 21, FP16 / BF16 scales opset >= 19;
+* ``mha``: where the attention matmuls (MatMuls of two activations) are quantized, both inputs of each are
+  dequantized, and the output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``:
+  TensorRT's fused INT8 attention needs Q/DQ before the first batched matmul, after the softmax and after the
+  second batched matmul (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
 * ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops).
 
 Run it as ``dfq-deploy lint model.onnx``; every export runs it and fails on a violation.
@@ -32,6 +39,7 @@ logger = logging.getLogger(__name__)
 _SIGNED = {TensorProto.INT8, TensorProto.INT4}
 _UNSIGNED = {TensorProto.UINT8, TensorProto.UINT4, TensorProto.UINT16, TensorProto.INT16}
 _STANDARD_DOMAINS = ("", "ai.onnx")
+_HALF_SCALES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
     opset = max((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), default=0)
     out: list[Violation] = []
     uses_int4_or_blocks = False
+    half_scale = ""
 
     for i, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}#{i}"
@@ -101,6 +110,8 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
             out.append(Violation("scale", name, "scale is not a constant"))
             scale = None
         else:
+            if consts[scale_name].data_type in _HALF_SCALES:
+                half_scale = half_scale or name
             scale = numpy_helper.to_array(consts[scale_name]).astype(np.float64)
             if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
                 out.append(Violation("scale", name, f"scale must be finite and > 0 (got {scale.ravel()[:4].tolist()})"))
@@ -147,10 +158,8 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
                     axis = _attr(node, "axis", 1) % max(len(dims), 1)
                     if axis < len(dims) - 2:
                         out.append(Violation("int4", name, f"blocked axis {axis} is not one of the last two dims"))
-        if block and scale is not None and data_const:
-            rank = len(consts[data].dims)
-            if scale.ndim != rank:
-                out.append(Violation("scale", name, f"blocked scale rank {scale.ndim} != input rank {rank}"))
+        if data_const and scale is not None:
+            out += _axis_violations(name, node, list(consts[data].dims), consts[data].data_type, scale, block)
     for t in graph.initializer:
         if t.data_type == TensorProto.INT4:
             uses_int4_or_blocks = True
@@ -159,6 +168,70 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
                 out.append(Violation("int4", t.name, "INT4 initializer used by a node other than DequantizeLinear"))
     if uses_int4_or_blocks and opset < 21:
         out.append(Violation("opset", "model", f"INT4 / blocked quantization needs opset >= 21, model has {opset}"))
+    if half_scale and opset < 19:
+        out.append(Violation("opset", half_scale, f"FP16/BF16 Q/DQ scales need opset >= 19, model has {opset}"))
+    return out + _mha_violations(graph, consts)
+
+
+def _axis_violations(name: str, node: onnx.NodeProto, dims: list[int], qtype: int, scale: np.ndarray,
+                     block: int) -> list[Violation]:
+    """Scale shape rules of a (de)quantized constant: per-axis length, block divisibility, blocked shape."""
+    out: list[Violation] = []
+    if not dims:
+        return out
+    axis = _attr(node, "axis", 1) % len(dims)
+    if block:
+        if qtype != TensorProto.INT4 or len(dims) != 2:
+            out.append(Violation("block", name, f"blocked quantization of a {len(dims)}-D "
+                                 f"{TensorProto.DataType.Name(qtype)} tensor: TensorRT blocks 2-D INT4 weights only"))
+        if dims[axis] % block:
+            out.append(Violation("block", name, f"block size {block} does not divide dimension {axis} "
+                                 f"({dims[axis]})"))
+        want = [d // block if i == axis else d for i, d in enumerate(dims)]
+        if scale.ndim != len(dims):
+            out.append(Violation("scale", name, f"blocked scale rank {scale.ndim} != input rank {len(dims)}"))
+        elif list(scale.shape) != want:
+            out.append(Violation("block", name, f"blocked scale shape {list(scale.shape)}, expected {want}"))
+    elif scale.size > 1 and scale.ndim == 1 and scale.shape[0] != dims[axis]:
+        out.append(Violation("axis", name, f"per-axis scale has {scale.shape[0]} entries, axis {axis} has "
+                             f"{dims[axis]}"))
+    return out
+
+
+def _mha_violations(graph: onnx.GraphProto, consts: dict[str, TensorProto]) -> list[Violation]:
+    """The fused-attention Q/DQ pattern (rule ``mha``), checked where the attention matmuls are quantized."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def is_weight(t: str) -> bool:
+        p = producer.get(t)
+        return t in consts or (p is not None and p.op_type == "DequantizeLinear" and p.input[0] in consts)
+
+    def dq_source(t: str) -> onnx.NodeProto | None:
+        """The node before ``t``'s ``Q -> DQ`` pair, if ``t`` is a dequantized activation."""
+        dq = producer.get(t)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+
+    bmms = [n for n in graph.node if n.op_type == "MatMul" and not any(is_weight(t) for t in n.input)]
+    quantized = [n for n in bmms if any(dq_source(t) is not None for t in n.input)]
+    if not quantized:
+        return []
+    out: list[Violation] = []
+    for i, n in enumerate(bmms):
+        name = n.name or f"MatMul#{i}"
+        for k, t in enumerate(n.input):
+            if dq_source(t) is None:
+                out.append(Violation("mha", name, f"attention matmul input {k} ('{t}') is not a Q -> DQ output: "
+                                     "TensorRT's fused INT8 attention needs both inputs quantized"))
+        if any((src := dq_source(t)) is not None and src.op_type == "Softmax" for t in n.input):
+            users = consumers.get(n.output[0], [])
+            if not users or any(u.op_type != "QuantizeLinear" for u in users):
+                out.append(Violation("mha", name, "the second attention matmul's output does not feed a "
+                                     "QuantizeLinear: TensorRT's fused INT8 attention needs Q/DQ after it"))
     return out
 
 

@@ -7,7 +7,12 @@ Stages, top to bottom:
      ``[K, N]`` for MatMul), and the attention matmuls (MatMuls with two activation inputs) in forward order;
   4. replace each weight by INT8 / INT4 integers behind a ``DequantizeLinear`` (per output channel on axis 1,
      or blocked along K with ``block_size``), and put ``QuantizeLinear -> DequantizeLinear`` (INT8, zero
-     point 0, per-tensor) on the activation inputs that the PyTorch model quantizes;
+     point 0, per-tensor) on the activation inputs that the PyTorch model quantizes; where the attention
+     matmuls are quantized, the P·V matmul's output gets a Q/DQ pair too, with the scale of the ``proj`` input
+     quantizer (:func:`pv_output_quantizer`): TensorRT's fused INT8 attention needs Q/DQ before the first
+     batched matmul, after the softmax and after the second batched matmul (TensorRT developer guide, quoted in
+     NVIDIA/TensorRT issues 2981 and 4167). The values do not change: the Transpose/Reshape between the two
+     pairs move values without changing them, and quantizing twice on one grid is quantizing once;
   5. convert the graph's compute type to FP16 (:mod:`dfq_deploy.export.fp16`; the default, for TensorRT) or keep
      FP32 (for CPU runtimes);
   6. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
@@ -93,6 +98,7 @@ class _QDQBuilder:
         self.graph = model.graph
         self.inits = {t.name: t for t in self.graph.initializer}
         self.new_nodes: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # before-node name -> nodes
+        self.after: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # after-node name -> nodes
         self.counter = 0
 
     def name(self, base: str) -> str:
@@ -103,15 +109,25 @@ class _QDQBuilder:
         self.graph.initializer.append(tensor)
         return tensor.name
 
-    def act_qdq(self, node: onnx.NodeProto, index: int, scale: float, tag: str) -> None:
-        """Insert ``Q -> DQ`` (INT8, zero point 0) on input ``index`` of ``node``."""
-        src = node.input[index]
+    def _qdq(self, src: str, dst: str, scale: float, tag: str) -> list[onnx.NodeProto]:
+        """``src -> Q -> DQ -> dst`` (INT8, zero point 0, per-tensor)."""
         s = self.add_init(numpy_helper.from_array(np.array(scale, dtype=np.float32), self.name(f"{tag}_scale")))
         zp = self.add_init(helper.make_tensor(self.name(f"{tag}_zp"), TensorProto.INT8, [], [0]))
-        q_out, dq_out = self.name(f"{tag}_q"), self.name(f"{tag}_dq")
-        self.new_nodes[node.name].append(helper.make_node("QuantizeLinear", [src, s, zp], [q_out], name=q_out))
-        self.new_nodes[node.name].append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out], name=dq_out))
+        q_out = self.name(f"{tag}_q")
+        return [helper.make_node("QuantizeLinear", [src, s, zp], [q_out], name=q_out),
+                helper.make_node("DequantizeLinear", [q_out, s, zp], [dst], name=self.name(f"{tag}_dq"))]
+
+    def act_qdq(self, node: onnx.NodeProto, index: int, scale: float, tag: str) -> None:
+        """Insert ``Q -> DQ`` on input ``index`` of ``node``."""
+        dq_out = self.name(f"{tag}_dq_out")
+        self.new_nodes[node.name] += self._qdq(node.input[index], dq_out, scale, tag)
         node.input[index] = dq_out
+
+    def output_qdq(self, node: onnx.NodeProto, scale: float, tag: str) -> None:
+        """Insert ``Q -> DQ`` on the output of ``node`` (its consumers read the DQ's output, same name)."""
+        raw = self.name(f"{tag}_raw")
+        self.after[node.name] += self._qdq(raw, node.output[0], scale, tag)
+        node.output[0] = raw
 
     def weight_dq(self, node: onnx.NodeProto, index: int, lin: QuantLinear, transposed: bool, tag: str) -> None:
         """Replace the float weight on input ``index`` by integers behind a ``DequantizeLinear``."""
@@ -149,6 +165,7 @@ class _QDQBuilder:
         for n in nodes:
             self.graph.node.extend(self.new_nodes.get(n.name, []))
             self.graph.node.append(n)
+            self.graph.node.extend(self.after.get(n.name, []))
         used = {i for n in self.graph.node for i in n.input}
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
@@ -203,8 +220,25 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
                                     (pv, 0, attn.p_quant, "p"), (pv, 1, attn.v_quant, "v")):
                 if q.enabled:
                     b.act_qdq(node, idx, _scalar(q, f"attn{a_i}.{t}"), f"attn{a_i}_{t}")
+            out_q = pv_output_quantizer(attn)
+            if out_q is not None:
+                b.output_qdq(pv, _scalar(out_q, f"attn{a_i}.pv_out"), f"attn{a_i}_pv_out")
     b.finish()
     return proto
+
+
+def pv_output_quantizer(attn: nn.Module) -> ActQuantizer | None:
+    """The quantizer whose Q/DQ pair the export puts on ``attn``'s P·V matmul output, or None.
+
+    It is the ``proj`` input quantizer, when the attention matmuls are quantized (fused INT8 attention) and
+    ``proj``'s input is too; the graph then holds that quantizer's pair twice.
+    """
+    proj = getattr(attn, "proj", None)
+    iq = getattr(proj, "input_quantizer", None)
+    attn_q = [getattr(attn, k, None) for k in ("p_quant", "v_quant")]
+    if iq is None or not iq.enabled or not all(q is not None and q.enabled for q in attn_q):
+        return None
+    return iq
 
 
 def _scalar(q: ActQuantizer, name: str) -> float:

@@ -56,6 +56,7 @@ from torch import nn
 from dfq_deploy.calib.qmodel import attention_modules, quant_linears
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.fp16 import graph_dtype
+from dfq_deploy.export.onnx import pv_output_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +274,11 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
 
 
 def _enabled_act_quantizers(model: nn.Module) -> list[Any]:
+    """One entry per Q/DQ pair the graph must hold (the ``proj`` input's twice where the P·V output has it)."""
     qs = [lin.input_quantizer for _, lin in quant_linears(model)]
     for attn in attention_modules(model):
         qs += [getattr(attn, k, None) for k in ("q_quant", "k_quant", "p_quant", "v_quant")]
+        qs.append(pv_output_quantizer(attn))
     return [q for q in qs if q is not None and q.enabled]
 
 

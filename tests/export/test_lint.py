@@ -112,6 +112,28 @@ def test_blocked_scale_rank():
     assert "scale" in rules(model)
 
 
+@pytest.mark.parametrize("w_dtype, block, scale_shape", [
+    (TensorProto.INT8, 2, (2, 4)),  # blocked, but not INT4
+    (TensorProto.INT4, 3, (2, 4)),  # block size does not divide the blocked dimension
+    (TensorProto.INT4, 2, (2, 2)),  # blocked scale of the wrong shape
+])
+def test_block_rules(w_dtype, block, scale_shape):
+    assert "block" in rules(good_graph(w_dtype, (4, 4), block=block, scale_shape=scale_shape))
+
+
+def test_per_axis_scale_length_is_the_axis():
+    assert rules(good_graph(scale_shape=(3,))) == ["axis"]
+
+
+def test_fp16_scales_need_opset_19():
+    model = good_graph()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "w_s"))
+    model.graph.initializer.append(numpy_helper.from_array(np.full(4, 0.5, np.float16), "w_s"))
+    assert lint_onnx(model) == []
+    model.opset_import[0].version = 17
+    assert rules(model) == ["opset"]
+
+
 def test_nonstandard_domain():
     model = good_graph()
     model.graph.node.append(helper.make_node("Gelu", ["y"], ["z"], name="ms_gelu", domain="com.microsoft"))

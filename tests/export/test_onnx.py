@@ -10,11 +10,12 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from dfq_deploy.calib.qmodel import batches_loop, quantize
+from dfq_deploy.calib.qmodel import attention_modules, batches_loop, quantize
 from dfq_deploy.config import PRESETS
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.parity import compare_logits, reference_session, run_session, run_torch
+from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
 
 DTYPES = ["fp16", "fp32"]
 FLOAT = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
@@ -57,9 +58,9 @@ def test_float_export_is_clean(tiny_model, dtype):
 def test_w8a8_graph_and_parity(tiny_model, dtype):
     proto, x = _export(tiny_model, "W8A8", dtype)
     ops = _ops(proto)
-    # 8 Linear inputs + 4 attention matmul inputs per... 2 blocks x (4 linear + 4 attention) activation Q/DQ
-    assert ops["QuantizeLinear"] == 16
-    assert ops["DequantizeLinear"] == 16 + 8  # + one per quantized weight
+    # 2 blocks x (4 Linear inputs + 4 attention matmul inputs + the P·V output) activation Q/DQ
+    assert ops["QuantizeLinear"] == 18
+    assert ops["DequantizeLinear"] == 18 + 8  # + one per quantized weight
     assert lint_onnx(proto) == []
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
@@ -138,3 +139,40 @@ def test_export_roundtrips_through_file(tiny_model, tmp_path):
     onnx.checker.check_model(str(path), full_check=True)
     assert lint_onnx(path) == []
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_w8a8_attention_has_the_fused_attention_pattern(family):
+    """Q/DQ before both batched matmuls, after the softmax and on the P·V output with the proj input's scale."""
+    name, kwargs = TINY_CONFIGS[family]
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(name, kwargs=dict(kwargs), random_weights=True))
+    c, h, w = data_config(model)["input_size"]
+    quantize(model, PRESETS["W8A8"], batches_loop(torch.randn(8, c, h, w)))
+    proto = to_onnx(model)
+    assert lint_onnx(proto) == []
+    graph = proto.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    users = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            users[i].append(n)
+    pv_scales = []
+    for n in graph.node:
+        if n.op_type == "MatMul" and not any(i in inits for i in n.input) and "pv_out" in users[n.output[0]][0].name:
+            (q,) = users[n.output[0]]
+            assert q.op_type == "QuantizeLinear"
+            pv_scales.append(float(inits[q.input[1]]))
+    attns = attention_modules(model)
+    assert pv_scales == [float(np.float16(a.proj.input_quantizer.scale.item())) for a in attns]
+    # without the P·V output pairs, the linter names the missing pattern at every attention
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    for n in list(broken.graph.node):
+        if "pv_out" in n.name and n.op_type == "QuantizeLinear":
+            dq = next(m for m in broken.graph.node if m.op_type == "DequantizeLinear" and m.input[0] == n.output[0])
+            for m in broken.graph.node:
+                m.input[:] = [n.input[0] if i == dq.output[0] else i for i in m.input]
+            broken.graph.node.remove(n)
+            broken.graph.node.remove(dq)
+    assert [v.rule for v in lint_onnx(broken)] == ["mha"] * len(attns)
