@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES
 from dfq_deploy.errors import DfqError
+from dfq_deploy.trt.plan import CALIBRATORS, DEFAULT_WORKSPACE_MB, PRECISIONS
 
 logger = logging.getLogger("dfq_deploy")
 
@@ -251,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "build", parents=[common], help="build a TensorRT engine from an exported ONNX (needs TensorRT and a GPU)")
     t.add_argument("onnx")
-    t.add_argument("--precision", choices=["int8", "int4", "fp16", "best", "fp32"], default="best",
-                   help="int8/int4 for QDQ exports (strongly typed), fp16 for the float export")
-    t.add_argument("--workspace", type=int, default=1024, help="workspace memory pool in MB")
+    t.add_argument("--precision", choices=PRECISIONS, default="best",
+                   help="int8/int4 for QDQ exports, fp16 for an FP16 float export (--bits 16), fp32 for an FP32 "
+                        "one (--bits 32); all strongly typed without precision flags; best: what the graph holds")
+    t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MB, help="workspace memory pool in MB")
     t.add_argument("--batch", help="optimisation profile MIN,OPT,MAX (default 1,8,32 for a dynamic batch)")
     t.add_argument("--timing-cache", help="timing cache file, read and updated")
-    t.add_argument("--calibrator", choices=["synthetic"], help="implicit INT8 calibration (TensorRT <= 10.x)")
+    t.add_argument("--calibrator", choices=CALIBRATORS,
+                   help="implicit INT8 calibration of an FP32 float export (--bits 32); TensorRT 10.x only")
     t.add_argument("--calib-from", help="a dfq-deploy synth output folder with images.safetensors")
     t.add_argument("--output", help="engine path (default <onnx stem>.engine)")
     t.add_argument("--dry-run", action="store_true", help="print the build plan as JSON and stop")

@@ -1,9 +1,10 @@
-"""TensorRT: build plans, engine builds, the INT8 calibrator and :class:`TRTEngine` for apps.
+"""TensorRT >= 10.0: build plans, engine builds, the INT8 calibrator, the engine inspector and :class:`TRTEngine`.
 
 This package is the only place in dfq-deploy that imports ``tensorrt``, and it does so inside functions, so
-importing any module here needs neither TensorRT nor a GPU. Imports run one way::
+importing any module here needs neither TensorRT nor a GPU. Every Builder, Runtime and parser shares one TensorRT
+logger (:func:`~dfq_deploy.trt.env.trt_logger`). Imports run one way::
 
-    cuda -> env -> plan -> calibrator -> planner -> build -> engine      (timing stands alone)
+    cuda -> env -> plan -> calibrator -> planner -> build -> engine      (timing alone; env -> inspector)
 
 The public names are re-exported lazily from their modules.
 """
@@ -15,17 +16,19 @@ from typing import Any
 
 _API = {
     "require_tensorrt": "env", "tensorrt_version": "env", "gpu_available": "env", "gpu_info": "env",
-    "trt_version_tuple": "env", "trt_severity_level": "env",
+    "trt_version_tuple": "env", "trt_severity_level": "env", "trt_logger": "env",
     "CudaError": "cuda", "cuda_backend": "cuda", "select_backend": "cuda", "BACKENDS": "cuda",
     "PRECISIONS": "plan", "EnginePlan": "plan", "ShapeProfile": "plan", "CalibratorSettings": "plan",
     "OnnxInfo": "planner", "inspect_onnx": "planner", "parse_batch_range": "planner", "plan_build": "planner",
-    "check_trt_version": "planner", "resolve_network_mode": "planner",
+    "check_trt_version": "planner", "Decision": "planner", "MIN_TRT_VERSION": "plan",
     "CalibrationBatcher": "calibrator", "load_calib_images": "calibrator", "inspect_calib_images": "calibrator",
     "make_int8_calibrator": "calibrator", "read_cache": "calibrator", "write_cache": "calibrator",
     "build_engine": "build", "engine_metadata": "build", "engine_metadata_path": "build",
     "format_parser_error": "build",
     "InferTiming": "timing", "summarize_timings": "timing", "check_input_shape": "timing",
     "TRTEngine": "engine", "TensorInfo": "engine",
+    "engine_layers": "inspector", "parse_engine_information": "inspector", "layer_datatypes": "inspector",
+    "integer_layers": "inspector", "fused_attention_layers": "inspector", "layer_summary": "inspector",
 }
 __all__ = sorted(_API)
 

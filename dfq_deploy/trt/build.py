@@ -1,7 +1,8 @@
-"""Running the TensorRT builder for an :class:`~dfq_deploy.trt.plan.EnginePlan` (needs TensorRT and a GPU).
+"""Running the TensorRT builder for an :class:`~dfq_deploy.trt.plan.EnginePlan` (TensorRT >= 10.0 and a GPU).
 
-Logger -> Builder -> network -> OnnxParser -> BuilderConfig (workspace, optimisation profile, timing cache,
-calibrator) -> serialised engine, written atomically with a ``<engine>.json`` description beside it.
+Shared logger -> Builder -> network (strongly typed unless the plan calibrates) -> OnnxParser -> BuilderConfig
+(workspace, DETAILED profiling verbosity, optimisation profile, timing cache; flags and calibrator on the implicit
+INT8 route only) -> serialised engine, written atomically with a ``<engine>.json`` description beside it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import datetime as _dt
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,22 @@ from dfq_deploy.trt.calibrator import (
     read_cache,
     write_cache,
 )
-from dfq_deploy.trt.env import gpu_available, gpu_info, make_trt_logger, require_tensorrt
-from dfq_deploy.trt.plan import EnginePlan
-from dfq_deploy.trt.planner import check_trt_version, resolve_network_mode
+from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
+from dfq_deploy.trt.plan import EnginePlan, qdq_route_message
+from dfq_deploy.trt.planner import check_trt_version
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+#: ``tensorrt.ProfilingVerbosity`` every build sets (recorded in the engine metadata), so the engine inspector
+#: reports layer precisions and tactics (:func:`dfq_deploy.trt.inspector.engine_layers`).
+PROFILING_VERBOSITY = "DETAILED"
 
 
 def format_parser_error(err: Any) -> str:
     """One line for an ONNX parser error: operator, node name, description, error code.
 
-    ``node_name()``/``node_operator()`` exist from TensorRT 10; older versions give only the node index.
+    Reads the TensorRT 10 ``ParserError`` methods; a missing or failing one falls back to the node index.
     """
 
     def call(name: str) -> Any:
@@ -60,8 +64,7 @@ def engine_metadata_path(engine_path: str | Path) -> Path:
 
 
 def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], build_seconds: float,
-                    strongly_typed: bool, builder_flags: Sequence[str], onnx_sha256: str | None = None
-                    ) -> dict[str, Any]:
+                    onnx_sha256: str | None = None) -> dict[str, Any]:
     """The description written beside an engine (``model.engine.json``)."""
     import dfq_deploy
 
@@ -71,8 +74,11 @@ def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], bui
         "gpu": gpu.get("name"),
         "compute_capability": gpu.get("compute_capability"),
         "precision": plan.precision,
-        "strongly_typed": strongly_typed,
-        "builder_flags": list(builder_flags),
+        "graph_dtype": plan.graph_dtype,
+        "graph_quant": plan.graph_quant,
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": list(plan.builder_flags),
+        "profiling_verbosity": PROFILING_VERBOSITY,
         "profile": plan.profile.to_dict(),
         "build_seconds": round(float(build_seconds), 3),
         "onnx_sha256": onnx_sha256,
@@ -90,23 +96,83 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _parse(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logging.Logger) -> tuple[Any, Any]:
+    """The parsed network and its parser (which must outlive the network's use)."""
+    # STRONGLY_TYPED is valid on 10.x and accepted but ignored on 11.x, where every network is strongly typed;
+    # EXPLICIT_BATCH is gone in 11 and never referenced (https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/
+    # _static/python-api/infer/Core/Builder.html). 0: the weakly typed calibrator network, TensorRT 10.x only.
+    creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(creation)
+    parser = trt.OnnxParser(network, trt_logger())
+    onnx_path = Path(plan.onnx)
+    log.info("parsing %s (TensorRT %s, %s network)", onnx_path, version,
+             "strongly typed" if plan.strongly_typed else "weakly typed")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        for e in errors:
+            log.error("ONNX parser: %s", e)
+        first = errors[0] if errors else "unknown error"
+        more = f" (+{len(errors) - 1} more, see the log)" if len(errors) > 1 else ""
+        raise DfqError(f"TensorRT {version} could not parse {onnx_path}: {first}{more}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if plan.profile.input_name not in names:
+        raise DfqError(f"the network has inputs {names}, the plan profiles '{plan.profile.input_name}': "
+                       "plan the build again")
+    return network, parser
+
+
+def _configure(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logging.Logger) -> tuple[Any, Any]:
+    """The builder config and its timing cache (None without ``plan.timing_cache``)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mb << 20)
+    # DETAILED: "layer names and layer parameters" for the engine inspector (default LAYER_NAMES_ONLY),
+    # https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/BuilderConfig.html
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    # Only the calibrator route has flags: FP16/INT8 on a strongly typed network fail the build (10.x) and do
+    # not exist in 11.x (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
+    # tensorrt-10x-to-11x-python-api-reference.html).
+    for name in plan.builder_flags:
+        member = getattr(trt.BuilderFlag, name, None)
+        if member is None:
+            raise DfqError(qdq_route_message(version))
+        config.set_flag(member)
+    prof = builder.create_optimization_profile()
+    prof.set_shape(plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
+    if config.add_optimization_profile(prof) < 0:
+        raise DfqError(f"TensorRT rejected the optimisation profile {plan.profile.to_dict()}: plan the build again")
+
+    timing_cache = None
+    if plan.timing_cache:
+        data = read_cache(plan.timing_cache) or b""
+        timing_cache = config.create_timing_cache(data)
+        if not config.set_timing_cache(timing_cache, False):
+            log.warning("timing cache %s does not match this TensorRT/GPU: starting a new one", plan.timing_cache)
+            timing_cache = config.create_timing_cache(b"")
+            config.set_timing_cache(timing_cache, False)
+        log.info("timing cache %s (%s)", plan.timing_cache, f"{len(data)} bytes" if data else "new")
+    return config, timing_cache
+
+
 def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     """Build and write the TensorRT engine described by ``plan``.
 
-    Steps: check TensorRT version and GPU -> Builder -> network (strongly typed for Q/DQ) -> parse the ONNX
-    (every parser error logged with its node) -> BuilderConfig (workspace, profile, timing cache, calibrator)
-    -> ``build_serialized_network`` -> engine written atomically, timing cache saved, ``<engine>.json``.
+    Steps: check TensorRT version and GPU -> Builder (the shared :func:`~dfq_deploy.trt.env.trt_logger`) ->
+    network (strongly typed unless the plan calibrates) -> parse the ONNX (every parser error logged with its
+    node) -> BuilderConfig (workspace, DETAILED profiling verbosity, profile, timing cache; flags and calibrator
+    on the implicit INT8 route) -> ``build_serialized_network`` -> engine written atomically, timing cache
+    saved, ``<engine>.json``.
 
     Args:
         plan: from :func:`plan_build`.
-        log: logger for progress and TensorRT messages (default: this module's).
+        log: logger for progress messages (default: this module's); TensorRT's own messages go to the
+            ``dfq_deploy.trt`` logger.
 
     Returns:
         Path of the engine.
 
     Raises:
         MissingDependencyError: TensorRT or cuda-python is not installed.
-        DfqError: no GPU, wrong TensorRT version, parser errors, or a failed build (nothing is written).
+        DfqError: no GPU, an unsupported TensorRT, parser errors, or a failed build (nothing is written).
     """
     log = log or logger
     trt = require_tensorrt()
@@ -119,51 +185,10 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     if not onnx_path.is_file():
         raise DfqError(f"ONNX file not found: {onnx_path}")
 
-    trt_logger = make_trt_logger(trt, log)
-    builder = trt.Builder(trt_logger)
-    st_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    strongly_typed, flags = resolve_network_mode(plan, st_flag is not None)
-    if strongly_typed != plan.strongly_typed:
-        log.warning("TensorRT %s has no strongly typed networks: building weakly typed with flags %s",
-                    version, list(flags))
-    network = builder.create_network(1 << int(st_flag) if strongly_typed else 0)
-    parser = trt.OnnxParser(network, trt_logger)
-    log.info("parsing %s (TensorRT %s)", onnx_path, version)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        for e in errors:
-            log.error("ONNX parser: %s", e)
-        first = errors[0] if errors else "unknown error"
-        more = f" (+{len(errors) - 1} more, see the log)" if len(errors) > 1 else ""
-        raise DfqError(f"TensorRT {version} could not parse {onnx_path}: {first}{more}")
-    names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if plan.profile.input_name not in names:
-        raise DfqError(f"the network has inputs {names}, the plan profiles '{plan.profile.input_name}': "
-                       "plan the build again")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mb << 20)
-    for name in flags:
-        member = getattr(trt.BuilderFlag, name, None)
-        if member is None:
-            raise DfqError(f"TensorRT {version} has no BuilderFlag.{name} (networks are strongly typed "
-                           "only): use a Q/DQ graph (dfq-deploy export --bits 8) or TensorRT 10")
-        config.set_flag(member)
-    prof = builder.create_optimization_profile()
-    prof.set_shape(plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
-    config.add_optimization_profile(prof)
-
-    timing_cache = None
-    if plan.timing_cache:
-        data = read_cache(plan.timing_cache) or b""
-        timing_cache = config.create_timing_cache(data)
-        if not config.set_timing_cache(timing_cache, False):
-            log.warning("timing cache %s does not match this TensorRT/GPU: starting a new one",
-                        plan.timing_cache)
-            timing_cache = config.create_timing_cache(b"")
-            config.set_timing_cache(timing_cache, False)
-        log.info("timing cache %s (%s)", plan.timing_cache, f"{len(data)} bytes" if data else "new")
-
+    builder = trt.Builder(trt_logger())
+    # the parser stays referenced until the build returns: the network may use weights the parser holds
+    network, parser = _parse(trt, builder, plan, version, log)
+    config, timing_cache = _configure(trt, builder, plan, version, log)
     calib = None
     try:
         if plan.calibrator is not None:
@@ -171,7 +196,7 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
             images = load_calib_images(cs.calib_from, plan.profile.min[1:])
             batcher = CalibrationBatcher(images, cs.batch_size)
             calib = make_int8_calibrator(batcher, cs.cache_file)
-            config.int8_calibrator = calib
+            config.int8_calibrator = calib  # TensorRT 10.x only (deprecated in 10.1, removed in 11)
             cprof = builder.create_optimization_profile()
             cshape = batcher.shape
             cprof.set_shape(plan.profile.input_name, cshape, cshape, cshape)
@@ -179,8 +204,8 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
             log.info("implicit INT8 calibration on %d x %d images from %s", batcher.num_batches,
                      batcher.batch_size, cs.calib_from)
 
-        log.info("building %s engine (workspace %d MB, batch %s); this can take minutes", plan.precision,
-                 plan.workspace_mb, plan.profile.batch)
+        log.info("building %s engine (%s graph, workspace %d MB, batch %s); this can take minutes",
+                 plan.precision, plan.graph_dtype.upper(), plan.workspace_mb, plan.profile.batch)
         t0 = time.perf_counter()
         try:
             serialized = builder.build_serialized_network(network, config)
@@ -200,8 +225,7 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     atomic_write_bytes(out, memoryview(serialized).tobytes())
     if timing_cache is not None and plan.timing_cache:
         write_cache(plan.timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
-    meta = engine_metadata(plan, version, gpu_info(), build_s, strongly_typed, flags, _sha256(onnx_path))
+    meta = engine_metadata(plan, version, gpu_info(), build_s, _sha256(onnx_path))
     atomic_write_json(engine_metadata_path(out), meta)
     log.info("wrote %s (%.2f MB) in %.1f s", out, out.stat().st_size / 1e6, build_s)
     return out
-

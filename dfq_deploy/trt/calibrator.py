@@ -196,12 +196,12 @@ def make_int8_calibrator(
     """
     from dfq_deploy.trt.cuda import cuda_backend
     from dfq_deploy.trt.env import require_tensorrt
-    from dfq_deploy.trt.plan import QDQ_ROUTE_MESSAGE
+    from dfq_deploy.trt.plan import qdq_route_message
 
     trt = require_tensorrt()
     base = getattr(trt, "IInt8EntropyCalibrator2", None)
     if base is None:
-        raise DfqError(QDQ_ROUTE_MESSAGE.format(version=getattr(trt, "__version__", "?")))
+        raise DfqError(qdq_route_message(str(getattr(trt, "__version__", "?"))))
     cuda = cuda_backend(backend)
     cache = Path(cache_path)
 

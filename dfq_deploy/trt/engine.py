@@ -25,7 +25,7 @@ import numpy as np
 from dfq_deploy.errors import DfqError
 from dfq_deploy.trt.build import engine_metadata_path
 from dfq_deploy.trt.cuda import CudaError, CudaPython, PyCuda, cuda_backend
-from dfq_deploy.trt.env import gpu_available, make_trt_logger, require_tensorrt
+from dfq_deploy.trt.env import gpu_available, require_tensorrt, trt_logger
 from dfq_deploy.trt.timing import InferTiming, check_input_shape
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ class TRTEngine:
         self._events: list[Any] = []
         self._device: dict[str, int] = {}
         self._host: dict[str, np.ndarray] = {}
-        self._trt_logger: Any = None
 
     # lifecycle
     def __enter__(self) -> TRTEngine:
@@ -126,8 +125,7 @@ class TRTEngine:
             raise DfqError(f"cannot run a TensorRT engine here: no usable NVIDIA GPU ({reason})")
         try:
             self._cuda = cuda_backend(self.backend_name)
-            self._trt_logger = make_trt_logger(trt, logger)
-            self._runtime = trt.Runtime(self._trt_logger)
+            self._runtime = trt.Runtime(trt_logger())  # the one process-wide logger (see trt_logger)
             self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self._engine is None:
                 raise DfqError(f"TensorRT {trt.__version__} could not deserialise {self.path}: engines only "

@@ -1,4 +1,4 @@
-"""Finding TensorRT and a GPU, and the bridge from TensorRT's logger to Python logging.
+"""Finding TensorRT and a GPU, and the one TensorRT logger (:func:`trt_logger`), bridged to Python logging.
 
 Nothing here creates a ``trt.Builder`` or ``trt.Runtime`` to probe: without an NVIDIA driver those raise or
 crash the process. The GPU probe goes through cuda-python's ``cudaGetDeviceCount``, which returns an error
@@ -7,8 +7,10 @@ code cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 from typing import Any
 
 from dfq_deploy.errors import DfqError, MissingDependencyError
@@ -137,17 +139,45 @@ def trt_severity_level(severity: Any) -> int:
     return _SEVERITY_LEVELS.get(name, logging.INFO)
 
 
-def make_trt_logger(trt: Any, log: logging.Logger) -> Any:
-    """A ``tensorrt.ILogger`` forwarding TensorRT messages to ``log``."""
+#: Python logger that receives every TensorRT message.
+TRT_LOGGER_NAME = "dfq_deploy.trt"
+_TRT_LOGGER: Any = None
+_TRT_LOGGER_LOCK = threading.Lock()
+
+
+def trt_logger() -> Any:
+    """The process-wide ``tensorrt.ILogger``: created on first use, then the same object for every caller.
+
+    Every ``trt.Builder``, ``trt.Runtime`` and ``trt.OnnxParser`` in dfq-deploy is given this one logger. TensorRT
+    10.x: "The logger used to create an instance of IBuilder, IRuntime or IRefitter is used for all objects
+    created through that interface. The logger should be valid until all objects created are released"
+    (https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/Logger.html); TensorRT before 8.2
+    kept a single logger pointer for the whole process and warned when a second one was passed
+    (https://github.com/NVIDIA/TensorRT/issues/1475). A module-level logger that is never released satisfies both.
+    Messages go to the Python logger :data:`TRT_LOGGER_NAME` (levels from :func:`trt_severity_level`).
+
+    Raises:
+        MissingDependencyError: TensorRT is not installed.
+    """
+    global _TRT_LOGGER
+    if _TRT_LOGGER is None:
+        with _TRT_LOGGER_LOCK:  # the C++ side requires a thread-safe logger; creation is made race-free too
+            if _TRT_LOGGER is None:
+                _TRT_LOGGER = _logging_bridge(require_tensorrt(), logging.getLogger(TRT_LOGGER_NAME))
+    return _TRT_LOGGER
+
+
+def _logging_bridge(trt: Any, log: logging.Logger) -> Any:
+    """A ``tensorrt.ILogger`` subclass instance forwarding TensorRT messages to ``log``."""
 
     class LoggingBridge(trt.ILogger):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
-            trt.ILogger.__init__(self)
+            trt.ILogger.__init__(self)  # the explicit base call of the TensorRT docs' ILogger pattern
 
         def log(self, severity: Any, msg: str) -> None:
-            level = trt_severity_level(severity)
-            if log.isEnabledFor(level):
-                log.log(level, "TensorRT: %s", msg)
+            with contextlib.suppress(Exception):  # a callback from C++ must not raise
+                level = trt_severity_level(severity)
+                if log.isEnabledFor(level):
+                    log.log(level, "TensorRT: %s", msg)
 
     return LoggingBridge()
-

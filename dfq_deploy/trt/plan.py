@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dfq_deploy.config import GRAPH_DTYPES
 from dfq_deploy.errors import DfqError
 from dfq_deploy.trt.env import trt_version_tuple
 
 #: Precisions ``plan_build`` accepts (``dfq-deploy build --precision``).
 PRECISIONS = ("int8", "int4", "fp16", "best", "fp32")
-#: Builder flags a plan may carry (names of ``tensorrt.BuilderFlag`` members).
+#: Builder flags a plan may carry (names of ``tensorrt.BuilderFlag`` members); only the calibrator route sets any.
 BUILDER_FLAGS = ("FP16", "INT8")
 #: Calibrators ``plan_build`` accepts (``--calibrator``).
 CALIBRATORS = ("synthetic",)
@@ -25,20 +26,23 @@ DEFAULT_WORKSPACE_MB = 1024
 DEFAULT_BATCH = (1, 8, 32)
 DEFAULT_CALIB_BATCH = 8
 
-#: Minimum TensorRT versions (the project's precision / version matrix).
-MIN_TRT_INT8_QDQ = "8.6"
-MIN_TRT_INT4 = "10.0"
-MIN_TRT_BASE = "8.6"
-#: Last TensorRT major version with implicit INT8 calibration.
+#: Oldest TensorRT dfq-deploy builds with, for every route. JetPack 6.1/6.2 ship 10.3; JetPack 6.0's 8.6 parses ONNX
+#: opsets up to 17 only, and the exporter writes opset 21.
+MIN_TRT_VERSION = "10.0"
+#: Last TensorRT major version with implicit INT8 calibration (deprecated in 10.1, removed in 11:
+#: https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html).
 MAX_TRT_MAJOR_CALIBRATOR = 10
-#: Highest ONNX opset TensorRT 8.6's parser supports; newer graphs need TensorRT 10.
-MAX_OPSET_TRT8 = 17
-
-QDQ_ROUTE_MESSAGE = (
-    "TensorRT {version} has no implicit INT8 calibration (IInt8EntropyCalibrator2 is deprecated since 10.1 "
-    "and removed in 11): use the QDQ route instead: dfq-deploy export --bits 8, then dfq-deploy build "
-    "model.onnx --precision int8"
+UNSUPPORTED_TRT_MESSAGE = (
+    "TensorRT {version} is not supported: dfq-deploy builds with TensorRT >= 10.0 (JetPack 6.1/6.2 ship 10.3; "
+    "JetPack 6.0's 8.6 cannot parse opset-21 graphs): upgrade JetPack or TensorRT"
 )
+
+
+def qdq_route_message(version: str) -> str:
+    """The one-line error for a calibrator on a TensorRT without calibrators (11 and later)."""
+    major = str(version).split(".", 1)[0] or str(version)
+    return (f"TensorRT {major} has no calibrators (removed; deprecated since 10.1): use the QDQ route: dfq-deploy "
+            "export --bits 8, then dfq-deploy build model.onnx --precision int8")
 
 
 @dataclass(frozen=True)
@@ -115,16 +119,19 @@ class EnginePlan:
         onnx: path of the ONNX graph.
         output: path of the engine to write.
         precision: requested precision, one of :data:`PRECISIONS`.
-        strongly_typed: build a strongly typed network (explicit quantization).
-        builder_flags: ``tensorrt.BuilderFlag`` member names to set (never with ``strongly_typed``).
+        strongly_typed: build a strongly typed network (every route but the calibrator's).
+        builder_flags: ``tensorrt.BuilderFlag`` member names to set: only with a calibrator, never with
+            ``strongly_typed``.
         workspace_mb: builder workspace memory-pool limit in MiB.
         profile: optimisation profile on the input.
         timing_cache: timing cache file (loaded if present, saved after the build) or None.
         calibrator: implicit-INT8 calibration settings or None.
-        min_trt_version: lowest TensorRT version that can build this plan.
+        min_trt_version: lowest TensorRT version that can build this plan (:data:`MIN_TRT_VERSION`).
         max_trt_major: highest TensorRT major version that can build it (None: no upper bound).
         graph_quant: quantization in the graph: ``"int8"`` (Q/DQ), ``"int4"`` (INT4 weights) or ``"none"``.
-        notes: human-readable remarks on the decisions taken.
+        graph_dtype: the graph's compute type, ``"fp16"`` or ``"fp32"`` (:data:`dfq_deploy.config.GRAPH_DTYPES`, as
+            :func:`dfq_deploy.export.fp16.graph_dtype` reads it).
+        notes: human-readable remarks on the decisions taken (warnings included).
     """
 
     onnx: str
@@ -136,9 +143,10 @@ class EnginePlan:
     profile: ShapeProfile
     timing_cache: str | None = None
     calibrator: CalibratorSettings | None = None
-    min_trt_version: str = MIN_TRT_BASE
+    min_trt_version: str = MIN_TRT_VERSION
     max_trt_major: int | None = None
     graph_quant: str = "none"
+    graph_dtype: str = "fp32"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -162,6 +170,12 @@ class EnginePlan:
             raise DfqError(f"plan: repeated builder flags {list(self.builder_flags)}")
         if self.strongly_typed and self.builder_flags:
             raise DfqError("plan: precision builder flags must not be set on a strongly typed network")
+        if self.calibrator is None and self.builder_flags:
+            raise DfqError(f"plan: builder flags {list(self.builder_flags)} are only set for implicit INT8 "
+                           "calibration: drop them (the graph's own types decide precision)")
+        if self.calibrator is None and not self.strongly_typed:
+            raise DfqError("plan: only the calibrator route builds weakly typed (TensorRT 11 has no weak typing): "
+                           "set strongly_typed or plan the build again")
         if int(self.workspace_mb) < 1:
             raise DfqError(f"--workspace {self.workspace_mb}: the builder workspace must be at least 1 MB")
         object.__setattr__(self, "workspace_mb", int(self.workspace_mb))
@@ -172,9 +186,16 @@ class EnginePlan:
                 raise DfqError("plan: a calibrator needs a weakly typed network with the INT8 flag")
             if self.graph_quant != "none":
                 raise DfqError("plan: a calibrator cannot be used on a graph that already has Q/DQ nodes")
+            if self.graph_dtype != "fp32":
+                raise DfqError("plan: a calibrator needs an FP32-typed float graph: export one with dfq-deploy "
+                               "export --bits 32")
         if self.graph_quant not in ("int8", "int4", "none"):
             raise DfqError(f"plan: unknown graph_quant {self.graph_quant!r}")
-        trt_version_tuple(self.min_trt_version)  # validates
+        if self.graph_dtype not in GRAPH_DTYPES:
+            raise DfqError(f"plan: unknown graph_dtype {self.graph_dtype!r}; allowed: {', '.join(GRAPH_DTYPES)}")
+        if trt_version_tuple(self.min_trt_version) < trt_version_tuple(MIN_TRT_VERSION):
+            raise DfqError(f"plan: min_trt_version {self.min_trt_version} is below {MIN_TRT_VERSION}, the oldest "
+                           "TensorRT dfq-deploy builds with: plan the build again")
 
     # JSON round trip
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +212,7 @@ class EnginePlan:
             "min_trt_version": self.min_trt_version,
             "max_trt_major": self.max_trt_major,
             "graph_quant": self.graph_quant,
+            "graph_dtype": self.graph_dtype,
             "notes": list(self.notes),
         }
 

@@ -1,14 +1,32 @@
 """Deciding how TensorRT must build an ONNX graph (:func:`plan_build`); plain Python, runs anywhere.
 
-* INT8 Q/DQ graph, ``int8`` or ``best``: strongly typed network, no precision flags; TensorRT >= 8.6;
-* INT4-weight graph, ``int4`` or ``best``: strongly typed, no precision flags; TensorRT >= 10.0;
-* float graph, ``fp16``: weakly typed with ``FP16``; ``fp32``: weakly typed, no flags;
-* float graph, ``int8`` + calibrator: implicit INT8 (``INT8`` flag, entropy calibrator); TensorRT 8.6 .. 10.x;
-* float graph, ``best``: ``FP16`` (+ ``INT8`` with a calibrator);
-* float16 graph, ``fp16`` or ``best``: strongly typed (types come from the graph).
+TensorRT >= 10.0 for every route (JetPack 6.0's 8.6 cannot parse the exporter's opset-21 graphs). The float type
+is the graph's compute type (:func:`dfq_deploy.export.fp16.graph_dtype`, from its initializers), not its input
+type: exported graphs keep a float32 input and output either way.
 
-Explicit quantization (Q/DQ) is built as a strongly typed network and precision flags are never set with it.
-Implicit INT8 (``IInt8EntropyCalibrator2``) is deprecated since TensorRT 10.1 and removed in 11.
+==========================  ==================  ========================================================
+graph                       precision           build
+==========================  ==================  ========================================================
+INT8 Q/DQ                   ``int8``, ``best``  strongly typed, no flags (FP32-typed graph: warning)
+INT4 weights (W4A16)        ``int4``, ``best``  strongly typed, no flags (FP32-typed graph: warning)
+FP16 float                  ``fp16``, ``best``  strongly typed, no flags
+FP16 float                  ``fp32``            error: export an FP32 graph (``--bits 32``)
+FP32 float                  ``fp32``            strongly typed, no flags
+FP32 float                  ``fp16``            error: TensorRT 11 has no FP16 flag, export ``--bits 16``
+FP32 float                  ``best``            strongly typed FP32, warning suggesting ``--bits 16``
+FP32 float + calibrator     ``int8``, ``best``  weakly typed, ``FP16`` + ``INT8`` flags; TensorRT 10.x only
+FP16 float + calibrator     ``int8``, ``best``  error: the calibrator needs an FP32 graph (``--bits 32``)
+float                       ``int4``            error: export ``--bits 4``
+float, no calibrator        ``int8``            error: export ``--bits 8`` or add ``--calibrator``
+Q/DQ + calibrator           any                 error: the graph is already quantized
+==========================  ==================  ========================================================
+
+Strongly typed networks take their types from the graph and must not get precision flags ("Use explicit
+quantization with Strong Typing. Precision-control build flags are not required and should not be specified",
+https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html);
+TensorRT 11 removed the FP16/INT8 flags and weak typing altogether. Implicit INT8 (``IInt8EntropyCalibrator2``)
+is deprecated since 10.1 and removed in 11; it sets FP16 and INT8 together, as ``trtexec --best`` does, so layers
+TensorRT does not run in INT8 may still run in FP16 rather than only FP32.
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ import onnx
 from onnx import TensorProto
 
 from dfq_deploy.errors import DfqError
+from dfq_deploy.export.fp16 import graph_dtype
 from dfq_deploy.export.lint import load_onnx
 from dfq_deploy.trt.calibrator import CALIB_IMAGES_FILE, check_calib_shape, inspect_calib_images
 from dfq_deploy.trt.env import trt_version_tuple
@@ -30,16 +49,14 @@ from dfq_deploy.trt.plan import (
     DEFAULT_BATCH,
     DEFAULT_CALIB_BATCH,
     DEFAULT_WORKSPACE_MB,
-    MAX_OPSET_TRT8,
     MAX_TRT_MAJOR_CALIBRATOR,
-    MIN_TRT_BASE,
-    MIN_TRT_INT4,
-    MIN_TRT_INT8_QDQ,
+    MIN_TRT_VERSION,
     PRECISIONS,
-    QDQ_ROUTE_MESSAGE,
+    UNSUPPORTED_TRT_MESSAGE,
     CalibratorSettings,
     EnginePlan,
     ShapeProfile,
+    qdq_route_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,7 +69,8 @@ class OnnxInfo:
     Attributes:
         input_name: the single graph input.
         input_shape: its shape, ``None`` for symbolic dimensions.
-        input_dtype: ``"float32"`` or ``"float16"``.
+        input_dtype: ``"float32"`` or ``"float16"`` (exported graphs: always float32, so not the compute type).
+        graph_dtype: the compute type, ``"fp16"`` or ``"fp32"`` (:func:`dfq_deploy.export.fp16.graph_dtype`).
         has_qdq: the graph has QuantizeLinear / DequantizeLinear nodes.
         has_int4: the graph has INT4 constants (weight-only INT4).
         opset: default-domain opset.
@@ -62,6 +80,7 @@ class OnnxInfo:
     input_name: str
     input_shape: tuple[int | None, ...]
     input_dtype: str
+    graph_dtype: str
     has_qdq: bool
     has_int4: bool
     opset: int
@@ -69,6 +88,7 @@ class OnnxInfo:
 
     @property
     def graph_quant(self) -> str:
+        """``"int4"`` (INT4 weights), ``"int8"`` (Q/DQ nodes) or ``"none"`` (a float graph)."""
         return "int4" if self.has_int4 else "int8" if self.has_qdq else "none"
 
 
@@ -76,7 +96,7 @@ _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
 def inspect_onnx(model: onnx.ModelProto | str | Path) -> OnnxInfo:
-    """Input, quantization and opset of an ONNX graph (no linting).
+    """Input, compute type, quantization and opset of an ONNX graph (no linting).
 
     Raises:
         DfqError: the file is missing/unreadable, or the graph does not have exactly one float input.
@@ -105,7 +125,7 @@ def inspect_onnx(model: onnx.ModelProto | str | Path) -> OnnxInfo:
         for n in graph.node if n.op_type == "Constant" for a in n.attribute
     )
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return OnnxInfo(inp.name, tuple(shape), _DTYPES[ttype.elem_type], has_qdq, has_int4, opset,
+    return OnnxInfo(inp.name, tuple(shape), _DTYPES[ttype.elem_type], graph_dtype(proto), has_qdq, has_int4, opset,
                     tuple(o.name for o in graph.output))
 
 
@@ -129,50 +149,84 @@ def parse_batch_range(text: str | Sequence[int]) -> tuple[int, int, int]:
     return vals[0], vals[1], vals[2]
 
 
-def _decide(precision: str, info: OnnxInfo, calibrated: bool) -> tuple[bool, tuple[str, ...], list[str]]:
-    """Network typing and builder flags for a request on a graph (see the table in the module docstring)."""
-    quant = info.graph_quant
-    notes: list[str] = []
+FP32_TYPED_WARNING = ("the graph is FP32-typed: TensorRT keeps FP32 between the integer layers; re-export with "
+                      "--dtype fp16 (the default)")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How to build one graph at one precision (see the table in the module docstring).
+
+    Attributes:
+        strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``.
+        flags: ``tensorrt.BuilderFlag`` names to set (the calibrator route only).
+        notes: remarks logged at INFO; warnings: remarks logged at WARNING.
+    """
+
+    strongly_typed: bool
+    flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def _decide(precision: str, info: OnnxInfo, calibrated: bool) -> Decision:
+    """Network typing and builder flags for ``precision`` on the graph ``info`` (pure; module docstring table).
+
+    Raises:
+        DfqError: the request does not fit the graph (the message names the export or flag that does).
+    """
+    quant, dtype = info.graph_quant, info.graph_dtype
+    fp32_warn = (FP32_TYPED_WARNING,) if dtype == "fp32" else ()
     if calibrated and quant != "none":
-        raise DfqError(f"the graph already has {quant.upper()} Q/DQ nodes: a calibrator would be ignored; "
-                       f"build it with --precision {quant} and without --calibrator")
+        raise DfqError(f"the graph already has {quant.upper()} Q/DQ nodes: a calibrator would be ignored; build it "
+                       f"with --precision {quant} and without --calibrator")
     if calibrated and precision not in ("int8", "best"):
         raise DfqError(f"--calibrator only applies to --precision int8 or best, not {precision}")
     if quant == "int4":
         if precision not in ("int4", "best"):
             raise DfqError(f"the graph has INT4 weights (weight-only): build it with --precision int4, not "
                            f"{precision}")
-        return True, (), ["explicit INT4 weight-only quantization: strongly typed, no precision flags"]
+        return Decision(True, (), ("explicit INT4 weight-only quantization: strongly typed, no precision flags",),
+                        fp32_warn)
     if quant == "int8":
         if precision not in ("int8", "best"):
-            hint = ("export a float graph (dfq-deploy export --bits 16 or 32) for " + precision
-                    if precision in ("fp16", "fp32") else "export with --bits 4 for int4")
+            hint = {"fp16": "export an FP16 float graph (dfq-deploy export --bits 16) for fp16",
+                    "fp32": "export an FP32 float graph (dfq-deploy export --bits 32) for fp32"}.get(
+                        precision, "export with --bits 4 for int4")
             raise DfqError(f"the graph is INT8 Q/DQ-quantized: build it with --precision int8, or {hint}")
-        return True, (), ["explicit INT8 quantization (Q/DQ): strongly typed, no precision flags"]
-    # float graph
-    if info.input_dtype == "float16":
-        if precision not in ("fp16", "best"):
-            raise DfqError(f"the graph is float16: build it with --precision fp16, not {precision}")
-        return True, (), ["float16 graph: strongly typed, types come from the graph"]
+        return Decision(True, (), ("explicit INT8 quantization (Q/DQ): strongly typed, no precision flags",),
+                        fp32_warn)
+    # a float graph
     if precision == "int4":
-        raise DfqError("--precision int4 needs a graph with INT4 weights: export it with dfq-deploy export "
-                       "--bits 4")
+        raise DfqError("--precision int4 needs a graph with INT4 weights: export it with dfq-deploy export --bits 4")
+    if calibrated:
+        if dtype != "fp32":
+            # Calibrating through FP16 Casts and weights is covered by no TensorRT doc found and untried here:
+            # refuse with the export that works (FP32 weights; TensorRT picks FP16/INT8 per layer) over guessing.
+            raise DfqError("the graph is FP16-typed and implicit INT8 calibration needs an FP32 float graph: export "
+                           "one with dfq-deploy export --bits 32, or use the QDQ route (dfq-deploy export --bits 8)")
+        # FP16 with INT8, as trtexec --best: layers TensorRT does not run in INT8 may still use FP16
+        return Decision(False, ("FP16", "INT8"), ("implicit INT8 with FP16 fallback: weakly typed, FP16 + INT8 "
+                                                  "builder flags, IInt8EntropyCalibrator2",),
+                        ("implicit INT8 calibration is deprecated since TensorRT 10.1 and removed in 11; prefer the "
+                         "QDQ route: dfq-deploy export --bits 8",))
     if precision == "int8":
-        if not calibrated:
-            raise DfqError("--precision int8 on a float graph needs Q/DQ nodes or a calibrator: export with "
-                           "dfq-deploy export --bits 8, or add --calibrator synthetic --calib-from DIR")
-        notes.append("implicit INT8 with IInt8EntropyCalibrator2 (deprecated since TensorRT 10.1, removed in "
-                     "11); prefer the QDQ route: dfq-deploy export --bits 8")
-        return False, ("INT8",), notes
-    if precision == "best":
-        if calibrated:
-            notes.append("implicit INT8 with FP16 fallback (deprecated since TensorRT 10.1, removed in 11)")
-            return False, ("FP16", "INT8"), notes
-        notes.append("float graph without a calibrator: 'best' builds FP16 (INT8 needs Q/DQ or a calibrator)")
-        return False, ("FP16",), notes
+        raise DfqError("--precision int8 on a float graph needs Q/DQ nodes or a calibrator: export with dfq-deploy "
+                       "export --bits 8, or add --calibrator synthetic --calib-from DIR")
+    if dtype == "fp16":
+        if precision == "fp32":
+            raise DfqError("the graph is FP16-typed: build it with --precision fp16, or export an FP32 float graph "
+                           "(dfq-deploy export --bits 32) for fp32")
+        return Decision(True, (), ("FP16 float graph: strongly typed, no precision flags (types come from the "
+                                   "graph)",))
     if precision == "fp16":
-        return False, ("FP16",), ["float graph built with FP16 kernels allowed (weakly typed)"]
-    return False, (), ["float graph built in FP32 (TF32 kernels may be used where the GPU has them)"]
+        raise DfqError("the graph is FP32-typed and TensorRT 11 has no FP16 flag: export an FP16 graph (dfq-deploy "
+                       "export --bits 16)")
+    if precision == "best":
+        return Decision(True, (), ("FP32 float graph: strongly typed, no precision flags",),
+                        ("the graph is FP32-typed, so 'best' builds FP32 (strongly typed networks keep the graph's "
+                         "types): export an FP16 graph (dfq-deploy export --bits 16) for FP16 kernels",))
+    return Decision(True, (), ("FP32 float graph: strongly typed, no precision flags",))
 
 
 def _profile(info: OnnxInfo, batch: Sequence[int] | str | None) -> ShapeProfile:
@@ -239,7 +293,7 @@ def plan_build(
     proto = load_onnx(onnx_path)
     check_onnx(proto)
     info = inspect_onnx(proto)
-    strongly_typed, flags, notes = _decide(precision, info, calibrator is not None)
+    decision = _decide(precision, info, calibrator is not None)
     profile = _profile(info, batch)
     out = Path(output) if output is not None else onnx_path.with_suffix(".engine")
 
@@ -254,48 +308,33 @@ def plan_build(
         cache = Path(calib_cache) if calib_cache is not None else out.with_name(out.stem + ".calib.cache")
         calib = CalibratorSettings(str(calib_from), str(cache), calib_batch_size)
 
-    min_ver = MIN_TRT_INT4 if info.has_int4 else MIN_TRT_INT8_QDQ if info.has_qdq else MIN_TRT_BASE
-    if info.opset > MAX_OPSET_TRT8 and trt_version_tuple(min_ver) < (10,):
-        min_ver = "10.0"
-        notes.append(f"opset {info.opset}: TensorRT 8.6 parses ONNX opset <= {MAX_OPSET_TRT8}, so this graph "
-                     "needs TensorRT >= 10.0")
     plan = EnginePlan(
-        onnx=str(onnx_path), output=str(out), precision=precision, strongly_typed=strongly_typed,
-        builder_flags=flags, workspace_mb=workspace_mb, profile=profile,
+        onnx=str(onnx_path), output=str(out), precision=precision, strongly_typed=decision.strongly_typed,
+        builder_flags=decision.flags, workspace_mb=workspace_mb, profile=profile,
         timing_cache=str(timing_cache) if timing_cache is not None else None, calibrator=calib,
-        min_trt_version=min_ver, max_trt_major=MAX_TRT_MAJOR_CALIBRATOR if calib else None,
-        graph_quant=info.graph_quant, notes=tuple(notes),
+        min_trt_version=MIN_TRT_VERSION, max_trt_major=MAX_TRT_MAJOR_CALIBRATOR if calib else None,
+        graph_quant=info.graph_quant, graph_dtype=info.graph_dtype, notes=decision.notes + decision.warnings,
     )
-    for note in notes:
-        (logger.warning if "deprecated" in note else logger.info)("%s", note)
+    for level, texts in ((logging.INFO, decision.notes), (logging.WARNING, decision.warnings)):
+        for text in texts:
+            logger.log(level, "%s", text)
     return plan
 
 
-def check_trt_version(version: str, plan: EnginePlan) -> None:
-    """Raise when the installed TensorRT ``version`` cannot build ``plan``.
+def check_trt_version(version: str, plan: EnginePlan | None = None) -> None:
+    """Raise when the installed TensorRT ``version`` cannot build ``plan`` (or any plan, when None).
 
     Raises:
-        DfqError: too old for the graph, or too new for implicit calibration (names the QDQ route).
+        DfqError: TensorRT older than 10.0 (names the JetPack / TensorRT upgrade), older than the plan's
+            ``min_trt_version``, or a calibrator plan on TensorRT 11+ (names the QDQ route).
     """
     have = trt_version_tuple(version)
-    need = trt_version_tuple(plan.min_trt_version)
-    if have < need:
-        kind = {"int4": "INT4 weights", "int8": "INT8 Q/DQ"}.get(plan.graph_quant, "float")
-        raise DfqError(f"this graph ({kind}) needs TensorRT >= {plan.min_trt_version}, found {version}: upgrade "
-                       "TensorRT (JetPack 6 ships 10.3)")
+    if have < trt_version_tuple(MIN_TRT_VERSION):
+        raise DfqError(UNSUPPORTED_TRT_MESSAGE.format(version=version))
+    if plan is None:
+        return
+    if have < trt_version_tuple(plan.min_trt_version):
+        raise DfqError(f"this plan needs TensorRT >= {plan.min_trt_version}, found {version}: upgrade JetPack or "
+                       "TensorRT")
     if plan.max_trt_major is not None and have[0] > plan.max_trt_major:
-        raise DfqError(QDQ_ROUTE_MESSAGE.format(version=version))
-
-
-def resolve_network_mode(plan: EnginePlan, has_strongly_typed_flag: bool) -> tuple[bool, tuple[str, ...]]:
-    """The (strongly_typed, builder flags) actually used with the installed TensorRT.
-
-    TensorRT 8.6 has no strongly typed networks; there an explicitly quantized network is built weakly typed
-    with the INT8 flag, which TensorRT 8.x requires for Q/DQ layers.
-    """
-    if plan.strongly_typed and not has_strongly_typed_flag:
-        if plan.graph_quant == "none":
-            return False, ("FP16",) if plan.precision in ("fp16", "best") else ()
-        return False, ("INT8",)
-    return plan.strongly_typed, plan.builder_flags
-
+        raise DfqError(qdq_route_message(version))

@@ -1,4 +1,4 @@
-"""Finding TensorRT and a GPU without importing TensorRT at import time; the logger bridge; CUDA backends."""
+"""Finding TensorRT and a GPU without importing TensorRT at import time; the one shared logger; CUDA backends."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import pytest
 
 from dfq_deploy.errors import DfqError, MissingDependencyError
 from dfq_deploy.trt.cuda import select_backend
-from dfq_deploy.trt.env import TRT_MISSING_MESSAGE, gpu_available, require_tensorrt, trt_severity_level
+from dfq_deploy.trt.env import (
+    TRT_MISSING_MESSAGE,
+    gpu_available,
+    require_tensorrt,
+    trt_logger,
+    trt_severity_level,
+)
 from tests.trt.graphs import HAS_TRT
 
 
@@ -26,7 +32,7 @@ def _has(name: str) -> bool:
 # --- importing never needs TensorRT -----------------------------------------------------------------------
 def test_importing_the_module_does_not_import_tensorrt() -> None:
     modules = ", ".join(f"dfq_deploy.trt.{m}" for m in ("env", "cuda", "plan", "planner", "calibrator",
-                                                        "build", "timing", "engine"))
+                                                        "build", "timing", "engine", "inspector"))
     code = (f"import sys, dfq_deploy.trt, {modules}; "
             "print('tensorrt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -62,6 +68,8 @@ def test_require_tensorrt_names_how_to_install() -> None:
     assert str(info.value) == TRT_MISSING_MESSAGE
     assert isinstance(info.value, DfqError)
     assert "dfq-deploy[trt]" in str(info.value) and "JetPack" in str(info.value)
+    with pytest.raises(MissingDependencyError):
+        trt_logger()  # nothing cached without TensorRT
 
 
 def test_gpu_available_agrees_with_cuda_runtime() -> None:
@@ -74,6 +82,38 @@ def test_gpu_available_agrees_with_cuda_runtime() -> None:
         assert err.name in reason
 
 
+
+
+def _calls(name: str) -> list[tuple[str, ast.Call]]:
+    """Every ``<x>.<name>(...)`` call in dfq_deploy/trt, with its file."""
+    pkg = Path(__import__("dfq_deploy").__file__).parent / "trt"
+    return [(p.name, node) for p in sorted(pkg.glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name]
+
+
+def _is_shared_logger(arg: ast.expr) -> bool:
+    return isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name) and arg.func.id == "trt_logger"
+
+
+def test_every_builder_runtime_and_parser_gets_the_shared_logger() -> None:
+    """One logger per process: the contract of :func:`trt_logger`, checked on the source (no TensorRT here)."""
+    made = {name: _calls(name) for name in ("Builder", "Runtime", "OnnxParser")}
+    assert {f for f, _ in made["Builder"]} == {"build.py"}
+    assert {f for f, _ in made["Runtime"]} == {"engine.py", "inspector.py"}
+    assert {f for f, _ in made["OnnxParser"]} == {"build.py"}
+    for name, calls in made.items():
+        for file, call in calls:
+            assert _is_shared_logger(call.args[-1]), f"{file}:{call.lineno}: {name} without trt_logger()"
+    pkg = Path(__import__("dfq_deploy").__file__).parent / "trt"
+    assert not [p.name for p in pkg.glob("*.py") if "make_trt_logger" in p.read_text()]
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (the GPU machine runs this)")
+def test_trt_logger_is_created_once() -> None:
+    trt = require_tensorrt()
+    first = trt_logger()
+    assert isinstance(first, trt.ILogger)
+    assert trt_logger() is first
 
 
 def test_trt_severity_level() -> None:

@@ -3,72 +3,139 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import onnx
 import pytest
 
 from dfq_deploy.errors import DfqError
-from dfq_deploy.trt.plan import CalibratorSettings, EnginePlan, ShapeProfile
+from dfq_deploy.trt.plan import MIN_TRT_VERSION, CalibratorSettings, EnginePlan, ShapeProfile
 from dfq_deploy.trt.planner import (
+    FP32_TYPED_WARNING,
+    _decide,
     check_trt_version,
     inspect_onnx,
     parse_batch_range,
     plan_build,
-    resolve_network_mode,
 )
-from tests.trt.graphs import CHW, make_model, save_calib, save_model
+from tests.trt.graphs import CHW, make_model, save_calib, save_model, vit_graph
 
 
 # --- plans ------------------------------------------------------------------------------------------------
-def test_plan_for_int8_qdq_graph_is_strongly_typed_without_flags(tmp_path: Path) -> None:
-    path = save_model(tmp_path, "int8")
-    plan = plan_build(path, "int8")
+def test_plan_for_fp16_int8_qdq_graph_is_strongly_typed_without_flags(tmp_path: Path, caplog) -> None:
+    path = save_model(tmp_path, "int8", dtype="fp16", batch="batch")
+    with caplog.at_level("WARNING"):
+        plan = plan_build(path, "int8")
     assert plan.strongly_typed is True
     assert plan.builder_flags == ()
-    assert plan.graph_quant == "int8"
-    assert plan.calibrator is None
+    assert (plan.graph_quant, plan.graph_dtype) == ("int8", "fp16")
+    assert plan.calibrator is None and plan.max_trt_major is None
     assert plan.profile == ShapeProfile("input", (1, *CHW), (8, *CHW), (32, *CHW))
     assert Path(plan.output) == tmp_path / "model.engine"
-    assert plan.min_trt_version == "10.0"  # opset 21 is beyond TensorRT 8.6's parser
-    assert any("opset 21" in n for n in plan.notes)
-    best = plan_build(path, "best")
-    assert best.strongly_typed and best.builder_flags == ()
+    assert plan.min_trt_version == MIN_TRT_VERSION == "10.0"
+    assert FP32_TYPED_WARNING not in plan.notes and caplog.text == ""
+    best = plan_build(path, "best", batch="2,4,16")
+    assert best.strongly_typed and best.builder_flags == () and best.profile.batch == (2, 4, 16)
 
 
-def test_int8_qdq_graph_at_opset_17_needs_tensorrt_8_6(tmp_path: Path) -> None:
-    plan = plan_build(save_model(tmp_path, "int8", opset=17), "int8", batch="2,4,16")
-    assert plan.min_trt_version == "8.6"
-    assert plan.profile.batch == (2, 4, 16)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_fp32_typed_quantized_graph_builds_with_a_warning(tmp_path: Path, caplog, kind: str) -> None:
+    with caplog.at_level("WARNING"):
+        plan = plan_build(save_model(tmp_path, kind), kind)
+    assert plan.strongly_typed and plan.builder_flags == () and plan.graph_dtype == "fp32"
+    assert FP32_TYPED_WARNING in plan.notes
+    assert "re-export with --dtype fp16 (the default)" in caplog.text
 
 
-def test_plan_for_int4_graph_needs_tensorrt_10(tmp_path: Path) -> None:
-    path = save_model(tmp_path, "int4")
+def test_plan_for_int4_graph(tmp_path: Path) -> None:
+    path = save_model(tmp_path, "int4", dtype="fp16")
     plan = plan_build(path, "int4", workspace_mb=256, output=tmp_path / "out" / "w4.engine")
     assert plan.strongly_typed and plan.builder_flags == ()
-    assert plan.graph_quant == "int4"
-    assert plan.min_trt_version == "10.0"
+    assert (plan.graph_quant, plan.graph_dtype) == ("int4", "fp16")
+    assert FP32_TYPED_WARNING not in plan.notes
     assert plan.workspace_mb == 256
     assert plan.output == str(tmp_path / "out" / "w4.engine")
+    assert plan_build(path, "best").strongly_typed
     with pytest.raises(DfqError, match="--precision int4"):
         plan_build(path, "int8")
 
 
-@pytest.mark.parametrize(("precision", "flags"), [("fp16", ("FP16",)), ("fp32", ()), ("best", ("FP16",))])
-def test_plan_for_float_graph(tmp_path: Path, precision: str, flags: tuple[str, ...]) -> None:
-    plan = plan_build(save_model(tmp_path, "fp32"), precision)
-    assert plan.strongly_typed is False
-    assert plan.builder_flags == flags
-    assert plan.graph_quant == "none"
-    assert plan.min_trt_version == "10.0"  # opset 21
+# (kind, dtype, precision, calibrated) -> (strongly_typed, flags) or the error's regex; hand-built real graphs
+DECISIONS = [
+    ("int8", "fp16", "int8", False, (True, ())),
+    ("int8", "fp16", "best", False, (True, ())),
+    ("int8", "fp32", "int8", False, (True, ())),
+    ("int8", "fp16", "fp16", False, r"INT8 Q/DQ-quantized: build it with --precision int8, or .*--bits 16"),
+    ("int8", "fp16", "fp32", False, r"--precision int8, or .*--bits 32"),
+    ("int8", "fp16", "int4", False, "--bits 4 for int4"),
+    ("int8", "fp16", "int8", True, "already has INT8 Q/DQ nodes"),
+    ("int4", "fp16", "int4", False, (True, ())),
+    ("int4", "fp16", "best", False, (True, ())),
+    ("int4", "fp32", "int4", False, (True, ())),
+    ("int4", "fp16", "fp16", False, "INT4 weights .*--precision int4, not fp16"),
+    ("int4", "fp16", "best", True, "already has INT4 Q/DQ nodes"),
+    ("fp16", "fp16", "fp16", False, (True, ())),
+    ("fp16", "fp16", "best", False, (True, ())),
+    ("fp16", "fp16", "fp32", False, r"FP16-typed: build it with --precision fp16.*--bits 32"),
+    ("fp16", "fp16", "int8", True, r"FP16-typed and implicit INT8 calibration needs an FP32 .*--bits 32"),
+    ("fp16", "fp16", "best", True, r"FP16-typed and implicit INT8 calibration"),
+    ("fp32", "fp32", "fp32", False, (True, ())),
+    ("fp32", "fp32", "best", False, (True, ())),
+    ("fp32", "fp32", "fp16", False, re.escape("the graph is FP32-typed and TensorRT 11 has no FP16 flag: export an "
+                                              "FP16 graph (dfq-deploy export --bits 16)")),
+    ("fp32", "fp32", "int8", True, (False, ("FP16", "INT8"))),
+    ("fp32", "fp32", "best", True, (False, ("FP16", "INT8"))),
+    ("fp32", "fp32", "fp16", True, "--calibrator only applies to --precision int8 or best, not fp16"),
+    ("fp32", "fp32", "int8", False, "needs Q/DQ nodes or a calibrator"),
+    ("fp16", "fp16", "int4", False, "--bits 4"),
+]
 
 
-def test_float16_graph_is_strongly_typed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "dtype", "precision", "calibrated", "expected"), DECISIONS)
+def test_decision_table(kind: str, dtype: str, precision: str, calibrated: bool, expected) -> None:
+    info = inspect_onnx(make_model(kind, dtype=dtype))
+    assert info.graph_dtype == dtype and info.input_dtype == "float32"  # exported graphs keep a float32 input
+    if isinstance(expected, str):
+        with pytest.raises(DfqError, match=expected) as err:
+            _decide(precision, info, calibrated)
+        assert "\n" not in str(err.value)
+        return
+    decision = _decide(precision, info, calibrated)
+    assert (decision.strongly_typed, decision.flags) == expected
+    assert decision.notes  # every route says what it chose
+    assert (FP32_TYPED_WARNING in decision.warnings) == (kind in ("int8", "int4") and dtype == "fp32")
+
+
+def test_fp32_float_graph_best_is_strongly_typed_fp32_with_a_hint(tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        plan = plan_build(save_model(tmp_path, "fp32"), "best")
+    assert plan.strongly_typed and plan.builder_flags == () and plan.graph_dtype == "fp32"
+    assert "--bits 16" in caplog.text
+    assert plan_build(save_model(tmp_path, "fp32", name="b.onnx"), "fp32").notes == (
+        "FP32 float graph: strongly typed, no precision flags",)
+
+
+def test_fp16_float_graph_is_strongly_typed(tmp_path: Path) -> None:
     path = save_model(tmp_path, "fp16")
     plan = plan_build(path, "fp16")
-    assert plan.strongly_typed and plan.builder_flags == ()
-    with pytest.raises(DfqError, match="float16"):
+    assert plan.strongly_typed and plan.builder_flags == () and plan.graph_dtype == "fp16"
+    with pytest.raises(DfqError, match="FP16-typed"):
         plan_build(path, "fp32")
+
+
+@pytest.fixture(scope="module")
+def exported_w8a8() -> dict[str, onnx.ModelProto]:
+    return {dtype: vit_graph("W8A8", dtype) for dtype in ("fp16", "fp32")}
+
+
+def test_exported_vit_graphs_are_planned_by_their_compute_type(exported_w8a8) -> None:
+    for dtype, proto in exported_w8a8.items():
+        info = inspect_onnx(proto)
+        assert (info.input_dtype, info.graph_dtype, info.graph_quant) == ("float32", dtype, "int8")
+        decision = _decide("best", info, calibrated=False)
+        assert decision.strongly_typed and decision.flags == ()
+        assert (FP32_TYPED_WARNING in decision.warnings) == (dtype == "fp32")
 
 
 def test_int8_on_float_graph_without_calibrator_names_both_fixes(tmp_path: Path) -> None:
@@ -78,30 +145,22 @@ def test_int8_on_float_graph_without_calibrator_names_both_fixes(tmp_path: Path)
     assert "export --bits 8" in msg and "--calibrator synthetic --calib-from" in msg
 
 
-def test_int4_on_float_graph_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DfqError, match="--bits 4"):
-        plan_build(save_model(tmp_path, "fp32"), "int4")
-
-
-def test_float_precision_on_qdq_graph_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DfqError, match="--precision int8"):
-        plan_build(save_model(tmp_path, "int8"), "fp16")
-
-
 def test_int8_with_calibrator_on_float_graph_is_implicit_int8(tmp_path: Path, caplog) -> None:
     calib = save_calib(tmp_path)
     with caplog.at_level("WARNING"):
         plan = plan_build(save_model(tmp_path, "fp32"), "int8", calibrator="synthetic", calib_from=calib,
                           calib_batch_size=4)
     assert plan.strongly_typed is False
-    assert plan.builder_flags == ("INT8",)
+    assert plan.builder_flags == ("FP16", "INT8")  # together, as trtexec --best
     assert plan.calibrator == CalibratorSettings(str(calib), str(tmp_path / "model.calib.cache"), 4)
     assert plan.max_trt_major == 10
-    assert "deprecated" in caplog.text
+    assert "deprecated since TensorRT 10.1" in caplog.text
     best = plan_build(save_model(tmp_path, "fp32"), "best", calibrator="synthetic", calib_from=calib,
                       calib_cache=tmp_path / "c.cache")
-    assert best.builder_flags == ("FP16", "INT8")
+    assert best.builder_flags == ("FP16", "INT8") and not best.strongly_typed
     assert best.calibrator is not None and best.calibrator.cache_file == str(tmp_path / "c.cache")
+    with pytest.raises(DfqError, match="needs an FP32 float graph"):
+        plan_build(save_model(tmp_path, "fp16", name="h.onnx"), "int8", calibrator="synthetic", calib_from=calib)
 
 
 def test_calibrator_on_qdq_graph_is_an_error(tmp_path: Path) -> None:
@@ -131,7 +190,7 @@ def test_bad_precision_is_an_error(tmp_path: Path) -> None:
     path = save_model(tmp_path, "fp32")
     with pytest.raises(DfqError, match="choose one of int8, int4, fp16, best, fp32"):
         plan_build(path, "int16")
-    plan = plan_build(path, "fp16")
+    plan = plan_build(path, "fp32")
     with pytest.raises(DfqError, match="precision 'bf16'"):
         EnginePlan.from_dict({**plan.to_dict(), "precision": "bf16"})
 
@@ -151,7 +210,7 @@ def test_missing_or_unreadable_onnx(tmp_path: Path) -> None:
 
 
 def test_fixed_batch_and_dynamic_image_size(tmp_path: Path) -> None:
-    fixed = save_model(tmp_path, "fp32", batch=4, name="fixed.onnx")
+    fixed = save_model(tmp_path, "fp16", batch=4, name="fixed.onnx")
     assert plan_build(fixed, "fp16").profile.batch == (4, 4, 4)
     assert plan_build(fixed, "fp16", batch="4").profile.batch == (4, 4, 4)
     with pytest.raises(DfqError, match="fixed batch of 4"):
@@ -163,16 +222,18 @@ def test_fixed_batch_and_dynamic_image_size(tmp_path: Path) -> None:
     path = tmp_path / "dyn.onnx"
     onnx.save(model, str(path))
     with pytest.raises(DfqError, match="dynamic non-batch"):
-        plan_build(path, "fp16")
+        plan_build(path, "fp32")
 
 
 def test_inspect_onnx(tmp_path: Path) -> None:
     info = inspect_onnx(make_model("int4"))
     assert (info.input_name, info.input_shape, info.input_dtype) == ("input", (None, *CHW), "float32")
     assert info.has_qdq and info.has_int4 and info.graph_quant == "int4"
-    assert info.opset == 21 and info.outputs == ("logits",)
+    assert info.opset == 21 and info.outputs == ("logits",) and info.graph_dtype == "fp32"
     assert inspect_onnx(make_model("fp32")).graph_quant == "none"
     assert inspect_onnx(make_model("int8")).graph_quant == "int8"
+    half = inspect_onnx(make_model("int4", dtype="fp16"))  # FP16 scales, float32 input with a Cast
+    assert (half.input_dtype, half.graph_dtype, half.graph_quant) == ("float32", "fp16", "int4")
 
 
 def test_plan_json_round_trip(tmp_path: Path) -> None:
@@ -181,15 +242,18 @@ def test_plan_json_round_trip(tmp_path: Path) -> None:
                       timing_cache=tmp_path / "timing.cache", batch=(1, 4, 8), workspace_mb=512)
     text = plan.to_json()
     data = json.loads(text)
-    assert data["builder_flags"] == ["FP16", "INT8"]
+    assert data["builder_flags"] == ["FP16", "INT8"] and data["graph_dtype"] == "fp32"
     assert data["profile"] == {"input_name": "input", "min": [1, 3, 4, 4], "opt": [4, 3, 4, 4],
                                "max": [8, 3, 4, 4]}
     assert data["calibrator"]["batch_size"] == 8
     again = EnginePlan.from_json(text)
     assert again == plan
     assert EnginePlan.from_json(again.to_json()) == plan
-    qdq = plan_build(save_model(tmp_path, "int8", name="q.onnx"), "int8")
-    assert EnginePlan.from_json(qdq.to_json()) == qdq
+    qdq = plan_build(save_model(tmp_path, "int8", name="q.onnx", dtype="fp16"), "int8")
+    assert EnginePlan.from_json(qdq.to_json()) == qdq and qdq.graph_dtype == "fp16"
+    old = qdq.to_dict()
+    del old["graph_dtype"]  # a plan written before graph_dtype existed reads as FP32-typed
+    assert EnginePlan.from_dict(old).graph_dtype == "fp32"
 
 
 def test_plan_validation_errors(tmp_path: Path) -> None:
@@ -210,6 +274,20 @@ def test_plan_validation_errors(tmp_path: Path) -> None:
         EnginePlan.from_dict({**good, "output": good["onnx"]})
     with pytest.raises(DfqError, match="calibrator needs a weakly typed"):
         EnginePlan.from_dict({**good, "calibrator": {"calib_from": "d", "cache_file": "c", "batch_size": 2}})
+    with pytest.raises(DfqError, match="only set for implicit INT8 calibration"):
+        EnginePlan.from_dict({**good, "strongly_typed": False, "builder_flags": ["FP16"]})
+    with pytest.raises(DfqError, match="only the calibrator route builds weakly typed"):
+        EnginePlan.from_dict({**good, "strongly_typed": False})
+    calib = {"calib_from": "d", "cache_file": "c", "batch_size": 2}
+    float_calib = {**good, "graph_quant": "none", "strongly_typed": False, "builder_flags": ["FP16", "INT8"],
+                   "calibrator": calib}
+    assert EnginePlan.from_dict(float_calib).calibrator == CalibratorSettings("d", "c", 2)
+    with pytest.raises(DfqError, match="calibrator needs an FP32-typed float graph"):
+        EnginePlan.from_dict({**float_calib, "graph_dtype": "fp16"})
+    with pytest.raises(DfqError, match="unknown graph_dtype"):
+        EnginePlan.from_dict({**good, "graph_dtype": "bf16"})
+    with pytest.raises(DfqError, match=r"min_trt_version 8\.6 is below 10\.0"):
+        EnginePlan.from_dict({**good, "min_trt_version": "8.6"})
     missing = dict(good)
     del missing["profile"]
     with pytest.raises(DfqError, match="incomplete"):
@@ -228,26 +306,29 @@ def test_parse_batch_range() -> None:
             parse_batch_range(bad)
 
 
+@pytest.mark.parametrize("version", ["8.6.2", "8.6.1.6", "9.3.0.1"])
+def test_tensorrt_before_10_is_refused_in_one_line(tmp_path: Path, version: str) -> None:
+    plan = plan_build(save_model(tmp_path, "int8", dtype="fp16"), "int8")
+    expected = (f"TensorRT {version} is not supported: dfq-deploy builds with TensorRT >= 10.0 (JetPack 6.1/6.2 ship "
+                "10.3; JetPack 6.0's 8.6 cannot parse opset-21 graphs): upgrade JetPack or TensorRT")
+    for p in (plan, None):
+        with pytest.raises(DfqError) as info:
+            check_trt_version(version, p)
+        assert str(info.value) == expected
+
+
 def test_check_trt_version(tmp_path: Path) -> None:
-    int4 = plan_build(save_model(tmp_path, "int4"), "int4")
-    with pytest.raises(DfqError, match=r"needs TensorRT >= 10\.0, found 8\.6\.1"):
-        check_trt_version("8.6.1", int4)
-    check_trt_version("10.3.0.30", int4)
+    for kind in ("int8", "int4", "fp16"):
+        plan = plan_build(save_model(tmp_path, kind, name=f"{kind}.onnx", dtype="fp16"), "best")
+        for version in ("10.0.1", "10.3.0.30", "11.0.0", "11.4.1"):
+            check_trt_version(version, plan)
     calib = plan_build(save_model(tmp_path, "fp32", name="f.onnx"), "int8", calibrator="synthetic",
                        calib_from=save_calib(tmp_path), calib_batch_size=2)
     check_trt_version("10.3.0", calib)
+    check_trt_version("10.16.1", calib)
     with pytest.raises(DfqError) as info:
-        check_trt_version("11.0.0", calib)
-    assert "QDQ route" in str(info.value) and "export --bits 8" in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_resolve_network_mode_falls_back_to_int8_flag_without_strong_typing(tmp_path: Path) -> None:
-    qdq = plan_build(save_model(tmp_path, "int8", opset=17), "int8")
-    assert resolve_network_mode(qdq, has_strongly_typed_flag=True) == (True, ())
-    assert resolve_network_mode(qdq, has_strongly_typed_flag=False) == (False, ("INT8",))
-    fp16 = plan_build(save_model(tmp_path, "fp32", name="f.onnx"), "fp16")
-    assert resolve_network_mode(fp16, has_strongly_typed_flag=False) == (False, ("FP16",))
-
-
-# --- calibration batching and caches ----------------------------------------------------------------------
+        check_trt_version("11.0.0.1", calib)
+    assert str(info.value) == ("TensorRT 11 has no calibrators (removed; deprecated since 10.1): use the QDQ route: "
+                               "dfq-deploy export --bits 8, then dfq-deploy build model.onnx --precision int8")
+    with pytest.raises(DfqError, match="cannot read the TensorRT version"):
+        check_trt_version("unknown", calib)
