@@ -4,7 +4,8 @@ Deployable presets (W8A8, W4A16, W3A16, W2A16) are exported to QDQ ONNX and eval
 optimizations on, INT4 MatMulNBits at accuracy level 0 so activations stay float). Research presets (W3A3,
 W4A3, W4A4, W5A5, W6A6: every matmul input quantized, MSE ranges; ``--log2`` adds log2 softmax variants) have
 no deployable kernel: they are evaluated on the PyTorch fake-quant model and labelled "simulated" everywhere.
-FP32 is the float PyTorch model exported to ONNX and run in ONNX Runtime.
+Deployable graphs are exported in ``--dtype`` (default FP16, the graph ``dfq-deploy export`` ships for
+TensorRT). FP32 is the float PyTorch model exported to an FP32 ONNX graph and run in ONNX Runtime.
 
 Calibration sets are made once per (source, seed) and shared by every preset; the wall time of synthesis,
 calibration and export is recorded per cell. Every finished cell (and every calibration set) is saved at once
@@ -41,10 +42,10 @@ import torch
 import dfq_deploy
 from dfq_deploy.calib.synth import METHODS, SYNTHESIZERS, CalibRequest
 from dfq_deploy.calib.synth.loop import SYNTH_REVISION, model_fingerprint, save_checkpoint
-from dfq_deploy.config import QuantConfig, preset
+from dfq_deploy.config import GRAPH_DTYPES, QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.onnx import to_onnx
-from dfq_deploy.export.ort import ort_session
+from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
 from dfq_deploy.pipeline import quantize_and_correct
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "written NAME:key=value+key=value, e.g. dfqvit:global_frac=0 (ablations)")
     p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED))
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
+    p.add_argument("--dtype", default=GRAPH_DTYPES[0], choices=GRAPH_DTYPES,
+                   help="compute type of the deployable graphs (default: what dfq-deploy export writes)")
     p.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
                    help="closed-form correction, as in dfq-deploy export (default diag)")
     p.add_argument("--reparam", action="store_true", help="fold per-channel LayerNorm scales (RepQ-ViT) first")
@@ -104,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ort_logits(proto, images: torch.Tensor, threads: int | None = None) -> np.ndarray:
     """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration); INT4
     MatMulNBits at accuracy level 0, so W4A16's activations stay float as on TensorRT."""
-    sess = ort_session(proto, threads=threads, config={"session.qdq_matmulnbits_accuracy_level": "0"})
+    sess = ort_session(proto, threads=threads, config=FLOAT_ACTIVATIONS)
     return run_session(sess, images, batch_size=250)
 
 
@@ -139,6 +142,7 @@ class CellCache:
         self.root = self.model_root / f"cells-{_short_hash(settings)}"
         self.calib_tag = _short_hash(calib)
         self.fresh = args.fresh
+        self.dtype = args.dtype
         self._calibs: dict[Path, tuple[torch.Tensor, float]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -151,7 +155,8 @@ class CellCache:
 
     def _cell(self, pname: str, source: str, seed: int) -> Path:
         cfg = {} if pname == "FP32" else preset_config(pname).to_dict()
-        return self.root / f"cell-{pname}-{_short_hash(cfg)}-{self.source_key(source)}-{seed}.json"
+        dtype = f"-{self.dtype}" if pname != "FP32" and preset_config(pname).deployable else ""
+        return self.root / f"cell-{pname}-{_short_hash(cfg)}{dtype}-{self.source_key(source)}-{seed}.json"
 
     def get_cell(self, pname: str, source: str, seed: int) -> dict[str, Any] | None:
         path = self._cell(pname, source, seed)
@@ -216,9 +221,10 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = cache.get_cell("FP32", "-", 0)
     if fp32 is None:
         t = time.perf_counter()
-        fp_proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]))
+        fp_proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]), dtype="fp32")
         fp32 = {"preset": "FP32", "source": "-", "seed": 0, "top1": acc(ort_logits(fp_proto, x_eval, args.threads)),
-                "measured_on": "onnxruntime", "threads": threads, "times": {"export_s": time.perf_counter() - t}}
+                "measured_on": "onnxruntime (fp32 graph)", "threads": threads,
+                "times": {"export_s": time.perf_counter() - t}}
         cache.put_cell(fp32)
     cells.append(fp32)
     logger.warning("FP32 (onnxruntime): %.4f", fp32["top1"])
@@ -239,7 +245,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
-        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct,
+        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct, "dtype": args.dtype,
         "reconstruct": args.reconstruct and args.reconstruct_iters, "reparam": args.reparam,
         "synth_iters": args.synth_iters, "threads": threads, "torch": torch.__version__,
         "dfq_deploy": dfq_deploy.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells,
@@ -262,9 +268,10 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
     if cfg.deployable:
         t = time.perf_counter()
-        proto = to_onnx(model, tuple(dcfg["input_size"]))
+        proto = to_onnx(model, tuple(dcfg["input_size"]), dtype=args.dtype)
         cell["times"]["export_s"] = time.perf_counter() - t
-        cell["top1"], cell["measured_on"] = acc(ort_logits(proto, x_eval, args.threads)), "onnxruntime"
+        cell["top1"] = acc(ort_logits(proto, x_eval, args.threads))
+        cell["measured_on"] = f"onnxruntime ({args.dtype} graph)"
     else:
         cell["top1"], cell["measured_on"] = acc(run_torch(model, x_eval, batch_size=250)), "simulated (pytorch)"
     return cell

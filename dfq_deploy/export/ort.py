@@ -10,6 +10,10 @@ from dfq_deploy.errors import DfqError
 
 logger = logging.getLogger(__name__)
 
+#: Session config of accuracy measurements: INT4 MatMulNBits at accuracy level 0, so W4A16's activations stay
+#: float as on TensorRT (ORT's default level quantizes them to INT8 inside the kernel).
+FLOAT_ACTIVATIONS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
 
 def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bool = True, gpu: bool = False,
                 config: dict[str, str] | None = None):

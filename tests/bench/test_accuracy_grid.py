@@ -34,7 +34,7 @@ def test_smoke_grid(tmp_path, monkeypatch):
                        "--output", str(tmp_path / "res"), "--cache", str(tmp_path / "cache")])
     cells = {(c["preset"], c["source"]): c for c in result["cells"]}
     assert set(cells) == {("FP32", "-"), ("W4A16", "noise"), ("W4A4", "noise"), ("W4A16", "real"), ("W4A4", "real")}
-    assert cells[("W4A16", "noise")]["measured_on"] == "onnxruntime"
+    assert cells[("W4A16", "noise")]["measured_on"] == "onnxruntime (fp16 graph)"  # the graph that ships
     assert cells[("W4A4", "real")]["measured_on"].startswith("simulated")
     assert all(0.0 <= c["top1"] <= 1.0 for c in result["cells"])
     assert result["n_eval"] == 8
