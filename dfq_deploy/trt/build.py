@@ -98,7 +98,8 @@ def _sha256(path: Path) -> str:
 
 def _parse(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logging.Logger) -> tuple[Any, Any]:
     """The parsed network and its parser (which must outlive the network's use)."""
-    # STRONGLY_TYPED is valid on 10.x and accepted but ignored on 11.x, where every network is strongly typed;
+    # STRONGLY_TYPED is valid on 10.x and accepted but ignored on 11.x, where every network is strongly typed (its
+    # integer value changed from 1 to 0 in 11.x, so the flag is always taken from the enum, never hard-coded);
     # EXPLICIT_BATCH is gone in 11 and never referenced (https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/
     # _static/python-api/infer/Core/Builder.html). 0: the weakly typed calibrator network, TensorRT 10.x only.
     creation = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
@@ -137,20 +138,44 @@ def _configure(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logg
             raise DfqError(qdq_route_message(version))
         config.set_flag(member)
     prof = builder.create_optimization_profile()
-    prof.set_shape(plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
+    _set_shape(prof, plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
     if config.add_optimization_profile(prof) < 0:
         raise DfqError(f"TensorRT rejected the optimisation profile {plan.profile.to_dict()}: plan the build again")
 
     timing_cache = None
     if plan.timing_cache:
         data = read_cache(plan.timing_cache) or b""
-        timing_cache = config.create_timing_cache(data)
-        if not config.set_timing_cache(timing_cache, False):
+        timing_cache = _load_timing_cache(config, data)
+        if timing_cache is None:
             log.warning("timing cache %s does not match this TensorRT/GPU: starting a new one", plan.timing_cache)
-            timing_cache = config.create_timing_cache(b"")
-            config.set_timing_cache(timing_cache, False)
+            timing_cache = _load_timing_cache(config, b"")
         log.info("timing cache %s (%s)", plan.timing_cache, f"{len(data)} bytes" if data else "new")
     return config, timing_cache
+
+
+def _load_timing_cache(config: Any, data: bytes) -> Any:
+    """A timing cache made from ``data`` and set on ``config``, or None when TensorRT refuses it.
+
+    ``create_timing_cache`` may fail (None, or an exception in the bindings) on a corrupt or foreign cache, as
+    NVIDIA's ``samples/utils/timingCache.cpp`` and Polygraphy guard against; ``set_timing_cache(cache,
+    ignore_mismatch=False)`` returns False on a mismatch.
+    """
+    try:
+        cache = config.create_timing_cache(data)
+        return cache if cache is not None and config.set_timing_cache(cache, False) else None
+    except (RuntimeError, TypeError):
+        if not data:
+            raise
+        return None
+
+
+def _set_shape(profile: Any, name: str, *shapes: tuple[int, ...]) -> None:
+    """``profile.set_shape`` with TensorRT's error (a RuntimeError on inconsistent shapes) as one line."""
+    try:
+        profile.set_shape(name, *shapes)
+    except RuntimeError as exc:
+        raise DfqError(f"TensorRT rejected the shapes {list(shapes)} of '{name}' ({exc}): plan the build "
+                       "again") from exc
 
 
 def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
@@ -199,7 +224,7 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
             config.int8_calibrator = calib  # TensorRT 10.x only (deprecated in 10.1, removed in 11)
             cprof = builder.create_optimization_profile()
             cshape = batcher.shape
-            cprof.set_shape(plan.profile.input_name, cshape, cshape, cshape)
+            _set_shape(cprof, plan.profile.input_name, cshape, cshape, cshape)
             config.set_calibration_profile(cprof)
             log.info("implicit INT8 calibration on %d x %d images from %s", batcher.num_batches,
                      batcher.batch_size, cs.calib_from)
