@@ -11,7 +11,8 @@ Two groups, every export through ``dfq-deploy``'s own export job (:func:`dfq_dep
    global_pool="avg"``, Swin) at every deployable preset, noise calibration, seeds 0-2.
 
 For each export: passed or not, inputs beyond rounding, the median and largest per-input error, the tolerance
-and the rounding null (float16 for the FP16 graphs the export writes by default, float64 for FP32 graphs). Usage (the committed results were made with)::
+and the rounding null (float16 for the FP16 graphs the export writes by default, float64 for FP32
+graphs). Usage (the committed results were made with)::
 
     python bench/parity.py --threads 2
 
