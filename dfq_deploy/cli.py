@@ -59,8 +59,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     sets = parity_sets(report["parity"]).values()
     n, bad = sum(v["n"] for v in sets), sum(v["disagreeing"] for v in sets)
-    line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}); ONNX Runtime agrees "
-            f"with PyTorch within rounding on {n - bad} of {n} inputs")
+    line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}, "
+            f"{report['dtype'].upper()} graph); ONNX Runtime agrees with PyTorch within rounding on {n - bad} of {n} "
+            "inputs")
     if "accuracy" in report:
         acc = report["accuracy"]
         line += f"; accuracy of the exported model: top-1 {100 * acc['top1']:.2f}% on {acc['n']} images"

@@ -31,7 +31,7 @@ def test_export_and_eval(tmp_path, capsys, caplog, bits, calib):
                              "--calib-dir", str(data), "--num-samples", "8", "--output", str(out),
                              "--eval-data", str(data), "--parity-threshold", "0.8")
     assert code == 0, err
-    assert "wrote" in stdout and "accuracy of the exported model" in stdout
+    assert "wrote" in stdout and "FP16 graph" in stdout and "accuracy of the exported model" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["quant_config"]["name"] == {"8": "W8A8", "4": "W4A16"}[bits]
     assert report["precision"] == {"8": "int8", "4": "int4"}[bits]
