@@ -7,19 +7,21 @@ Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised i
 * ``scale``: scales are constants, finite and strictly positive; scalar for per-tensor, 1-D for per-axis,
   same rank as the input for blocked;
 * ``per-channel-on-activation``: per-axis or blocked (de)quantization only on constant (weight) inputs;
-* ``int4``: INT4 only as weight-only: an INT4 constant feeding ``DequantizeLinear``, one blocked axis
-  (last or second-to-last), even last dimension; no ``QuantizeLinear`` to INT4;
+* ``int4``: INT4 only as weight-only: an INT4 constant feeding ``DequantizeLinear``, even last dimension; no
+  ``QuantizeLinear`` to INT4;
 * ``block``: blocked ``DequantizeLinear`` only on 2-D INT4 constants, with a block size that divides the
   blocked dimension exactly and a scale of the input's shape with that dimension divided by the block size;
 * ``axis``: a per-axis scale has one entry for each index of the quantized axis;
 * ``opset``: INT4 or blocked quantization needs opset >= 21, FP16 / BF16 scales opset >= 19;
-* ``mha``: where the attention matmuls (MatMuls of two activations) are quantized, both inputs of each are
-  dequantized, and the output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``:
-  TensorRT's fused INT8 attention needs Q/DQ before the first batched matmul, after the softmax and after the
-  second batched matmul (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
+* ``mha`` (advisory: TensorRT parses and builds the graph without it, but cannot fuse the attention): where the
+  attention matmuls (MatMuls of two activations) are quantized, both inputs of each are dequantized, and the
+  output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``: TensorRT's fused INT8
+  attention needs Q/DQ before the first batched matmul, after the softmax and after the second batched matmul
+  (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
 * ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops).
 
-Run it as ``dfq-deploy lint model.onnx``; every export runs it and fails on a violation.
+Run it as ``dfq-deploy lint model.onnx``; every export runs it and fails on a violation of a rule other than the
+advisory ones (:data:`ADVISORY_RULES`), which it logs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ _SIGNED = {TensorProto.INT8, TensorProto.INT4}
 _UNSIGNED = {TensorProto.UINT8, TensorProto.UINT4, TensorProto.UINT16, TensorProto.INT16}
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _HALF_SCALES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+#: Rules whose violation makes a slower engine, not a graph TensorRT refuses: reported, never raised.
+ADVISORY_RULES = frozenset({"mha"})
 
 
 @dataclass(frozen=True)
@@ -154,10 +158,6 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
                 dims = list(consts[data].dims)
                 if dims and dims[-1] % 2:
                     out.append(Violation("int4", name, f"INT4 weight with odd last dimension {dims[-1]}"))
-                if block:
-                    axis = _attr(node, "axis", 1) % max(len(dims), 1)
-                    if axis < len(dims) - 2:
-                        out.append(Violation("int4", name, f"blocked axis {axis} is not one of the last two dims"))
         if data_const and scale is not None:
             out += _axis_violations(name, node, list(consts[data].dims), consts[data].data_type, scale, block)
     for t in graph.initializer:
@@ -235,10 +235,16 @@ def _mha_violations(graph: onnx.GraphProto, consts: dict[str, TensorProto]) -> l
     return out
 
 
-def check_onnx(model: onnx.ModelProto | str | Path) -> None:
-    """Raise a :class:`DfqError` listing the violations when ``model`` breaks a TensorRT rule."""
-    violations = lint_onnx(model)
+def check_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
+    """Raise a :class:`DfqError` listing the violations when ``model`` breaks a TensorRT rule.
+
+    Returns:
+        The violations of advisory rules (:data:`ADVISORY_RULES`), which do not raise.
+    """
+    found = lint_onnx(model)
+    violations = [v for v in found if v.rule not in ADVISORY_RULES]
     if violations:
         shown = "; ".join(str(v) for v in violations[:5])
         more = f" (+{len(violations) - 5} more)" if len(violations) > 5 else ""
         raise DfqError(f"graph breaks {len(violations)} TensorRT rule(s): {shown}{more}")
+    return [v for v in found if v.rule in ADVISORY_RULES]

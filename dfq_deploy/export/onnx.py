@@ -230,13 +230,17 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
 def pv_output_quantizer(attn: nn.Module) -> ActQuantizer | None:
     """The quantizer whose Q/DQ pair the export puts on ``attn``'s P·V matmul output, or None.
 
-    It is the ``proj`` input quantizer, when the attention matmuls are quantized (fused INT8 attention) and
-    ``proj``'s input is too; the graph then holds that quantizer's pair twice.
+    It is the ``proj`` input quantizer, when the attention matmuls are quantized (fused INT8 attention),
+    ``proj``'s input is too, and only a transpose/reshape lies between the two (timm's optional post-attention
+    ``norm`` and ``gate`` would change the values: then there is no pair, and the linter's advisory ``mha`` rule
+    says so); the graph then holds that quantizer's pair twice.
     """
     proj = getattr(attn, "proj", None)
     iq = getattr(proj, "input_quantizer", None)
     attn_q = [getattr(attn, k, None) for k in ("p_quant", "v_quant")]
     if iq is None or not iq.enabled or not all(q is not None and q.enabled for q in attn_q):
+        return None
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or getattr(attn, "gate", None) is not None:
         return None
     return iq
 
@@ -282,7 +286,8 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise DfqError(f"exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from exc
-    check_onnx(proto)
+    for v in check_onnx(proto):
+        logger.warning("TensorRT advisory: %s", v)
     return proto
 
 

@@ -291,7 +291,8 @@ def plan_build(
         raise DfqError("--calib-from is only used with --calibrator synthetic")
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path)
-    check_onnx(proto)
+    for v in check_onnx(proto):
+        logger.warning("TensorRT advisory: %s", v)
     info = inspect_onnx(proto)
     decision = _decide(precision, info, calibrator is not None)
     profile = _profile(info, batch)

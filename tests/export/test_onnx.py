@@ -12,9 +12,9 @@ from onnx import TensorProto, numpy_helper
 
 from dfq_deploy.calib.qmodel import attention_modules, batches_loop, quantize
 from dfq_deploy.config import PRESETS
-from dfq_deploy.export.lint import lint_onnx
+from dfq_deploy.export.lint import check_onnx, lint_onnx
 from dfq_deploy.export.onnx import to_onnx
-from dfq_deploy.export.parity import compare_logits, reference_session, run_session, run_torch
+from dfq_deploy.export.parity import compare_logits, measure_parity, reference_session, run_session, run_torch
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
 
 DTYPES = ["fp16", "fp32"]
@@ -176,3 +176,17 @@ def test_w8a8_attention_has_the_fused_attention_pattern(family):
             broken.graph.node.remove(n)
             broken.graph.node.remove(dq)
     assert [v.rule for v in lint_onnx(broken)] == ["mha"] * len(attns)
+    assert [v.rule for v in check_onnx(broken)] == ["mha"] * len(attns)  # advisory: reported, not raised
+
+
+def test_attention_with_a_norm_before_proj_gets_no_pv_output_pair():
+    """timm's post-attention norm changes values between P·V and proj: no pair with proj's scale there."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4, "depth": 1, "num_classes": 10, "scale_attn_norm": True}
+    model = create_model(ModelSpec("deit_t", kwargs=kwargs, random_weights=True))
+    quantize(model, PRESETS["W8A8"], batches_loop(torch.randn(8, 3, 32, 32)))
+    proto = to_onnx(model)
+    assert not any("pv_out" in n.name for n in proto.graph.node)
+    assert [v.rule for v in lint_onnx(proto)] == ["mha"]  # the advisory names the unfused attention
+    x = torch.randn(16, 3, 32, 32)
+    assert measure_parity(model, proto, {"probes": x}, 0.9)["passed"]
