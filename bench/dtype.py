@@ -84,7 +84,7 @@ def run_model(key: str, spec: ModelSpec, args: argparse.Namespace) -> dict[str, 
                 "parity_disagreeing": sum(v["disagreeing"] for v in sets),
                 "parity_tolerance": report["parity"]["tolerance"],
                 "parity_median_error": report["parity"]["median_error"],
-                "export_s": sum(report["timings"].values()),
+                "export_s": sum(report["timings"].values()),  # the whole export job, every stage
             }
             logging.warning("%s %s %s: top-1 %.4f, parity %s", key, pname, dtype, row[dtype]["top1"],
                             row[dtype]["parity_passed"])
@@ -118,13 +118,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "tolerance_points": TOLERANCE_POINTS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "models": {k: run_model(k, MODELS[k], args) for k in args.models}}
     atomic_write_json(Path(args.output), result)
-    print(f"{'model':10} {'preset':6} {'fp32':>7} {'fp16':>7} {'delta':>7} {'agree':>6} {'logit err':>9}  "
-          "parity fp16 (disagreeing)")
+    print(f"{'model':10} {'preset':6} {'fp32':>7} {'fp16':>7} {'delta':>7} {'within':>6} {'agree':>6} "
+          f"{'logit err':>9}  parity fp16 (disagreeing)")
     for key, res in result["models"].items():
         for r in res["rows"]:
             f16 = r["fp16"]
             print(f"{key:10} {r['preset']:6} {100 * r['fp32']['top1']:7.2f} {100 * f16['top1']:7.2f} "
-                  f"{r['delta_points']:+7.2f} {100 * r['prediction_agreement']:6.2f} "
+                  f"{r['delta_points']:+7.2f} {'yes' if r['within_tolerance'] else 'NO':>6} "
+                  f"{100 * r['prediction_agreement']:6.2f} "
                   f"{r['logit_error_fp16_vs_fp32']['median']:9.2e}  {f16['parity_passed']} "
                   f"({f16['parity_disagreeing']}/{f16['parity_inputs']})")
     return result

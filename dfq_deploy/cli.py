@@ -46,7 +46,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.block_size:
         cfg = cfg.with_(block_size=args.block_size)
     spec = _spec(args)
-    out = args.output or f"out/{spec.name}-{cfg.name}"
+    label = cfg.name if cfg.w_bits is not None else {16: "FP16", 32: "FP32"}.get(args.bits, cfg.name)
+    out = args.output or f"out/{spec.name}-{label}"
     report = export_model(ExportOptions(
         model=spec, bits=args.bits, dtype=args.dtype, output=out, calib=args.calib, calib_dir=args.calib_dir,
         num_samples=args.num_samples, synth_iters=args.synth_iters, seed=args.seed, config=cfg,
@@ -188,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float graph in FP16/FP32); default 8")
     e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
     e.add_argument("--dtype", choices=GRAPH_DTYPES,
-                   help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default; what TensorRT builds) or fp32 "
-                        "(CPU runtimes); input and output stay float32")
+                   help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default, fp32 for --bits 32; what TensorRT "
+                        "builds) or fp32 (CPU runtimes); input and output stay float32")
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
     e.add_argument("--calib", default=DEFAULT_CALIB,
                    help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {DEFAULT_CALIB}, "
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("onnx")
     t.add_argument("--precision", choices=PRECISIONS, default="best",
                    help="int8/int4 for QDQ exports, fp16 for an FP16 float export (--bits 16), fp32 for an FP32 "
-                        "one (--bits 32); all strongly typed without precision flags; best: what the graph holds")
+                        "one (--bits 32), strongly typed without precision flags; best: what the graph holds (with "
+                        "--calibrator: implicit INT8, weakly typed)")
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MB, help="workspace memory pool in MB")
     t.add_argument("--batch", help="optimisation profile MIN,OPT,MAX (default 1,8,32 for a dynamic batch)")
     t.add_argument("--timing-cache", help="timing cache file, read and updated")

@@ -70,18 +70,15 @@ def onnx_data_config(path: str | Path) -> dict[str, Any]:
 
 def evaluate_onnx(path: str | Path, data_dir: str | Path, limit: int | None = None, batch_size: int = 64,
                   threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Accuracy of an exported graph in ONNX Runtime (CPU, optimizations on: what a user deploys)."""
-    import onnxruntime as ort
+    """Accuracy of an exported graph in ONNX Runtime (CPU, optimizations on: what a user deploys; float
+    activations in INT4 MatMulNBits, as on TensorRT and in the accuracy benchmark)."""
+    from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 
     path = Path(path)
     if not path.is_file():
         raise DfqError(f"ONNX file not found: {path}")
     data_cfg = onnx_data_config(path)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=threads, config=FLOAT_ACTIVATIONS)
     name = session.get_inputs()[0].name
 
     def predict(x: torch.Tensor) -> np.ndarray:

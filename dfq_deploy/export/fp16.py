@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 FP16_MAX = float(np.finfo(np.float16).max)
 #: Smallest positive (subnormal) float16: smaller magnitudes become this instead of 0.
 FP16_TINY = float(2.0**-24)
+#: Smallest normal float16: smaller Q/DQ scales lose precision in FP16 (logged).
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 #: ONNX element type of each graph dtype.
 ELEM_TYPES = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
 
@@ -63,13 +65,27 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     left = float_tensors(out)
     if left:
         raise DfqError(f"FP16 conversion left {len(left)} FP32 tensor(s) inside the graph (first: {left[0]})")
+    _log_subnormal_scales(out)
     return out
 
 
+def _log_subnormal_scales(proto: onnx.ModelProto) -> None:
+    """Warn when Q/DQ scales fall below FP16's normal range (kept, with fewer significant bits; parity compares
+    the graph with the model's scales rounded the same way)."""
+    consts = {t.name: t for t in proto.graph.initializer}
+    scales = {n.input[1] for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    small = [name for name in scales if name in consts
+             and float(np.abs(numpy_helper.to_array(consts[name]).astype(np.float32)).min()) < FP16_MIN_NORMAL]
+    if small:
+        logger.warning("%d Q/DQ scale tensor(s) hold values below FP16's normal range (%.3g), e.g. %s: they keep "
+                       "fewer significant bits (export --dtype fp32 keeps them exact)", len(small), FP16_MIN_NORMAL,
+                       sorted(small)[0])
+
+
 def _check_range(proto: onnx.ModelProto) -> None:
-    consts = list(proto.graph.initializer) + [a.t for n in proto.graph.node if n.op_type == "Constant"
-                                              for a in n.attribute if a.name == "value"]
-    for t in consts:
+    from dfq_deploy.export.lint import constants
+
+    for t in constants(proto.graph).values():
         if t.data_type != TensorProto.FLOAT:
             continue
         arr = numpy_helper.to_array(t)
@@ -100,19 +116,11 @@ def _merge_input_casts(proto: onnx.ModelProto) -> None:
 
 
 def float_tensors(proto: onnx.ModelProto) -> list[str]:
-    """Names of FP32 tensors inside ``proto`` other than its input, its output and their ``Cast`` neighbours.
-
-    Empty for a graph that computes in FP16 end to end.
+    """Names of FP32 tensors inside ``proto``, its input and output aside (empty: it computes in FP16 throughout).
     """
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    graph = inferred.graph
+    graph = onnx.shape_inference.infer_shapes(proto).graph
     io = {v.name for v in list(graph.input) + list(graph.output)}
-    skip = set(io)
-    for n in graph.node:
-        if n.op_type == "Cast" and (n.input[0] in io or n.output[0] in io):
-            skip.update(n.input)
-            skip.update(n.output)
     names = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT]
     names += [v.name for v in graph.value_info
-              if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in skip]
+              if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in io]
     return names

@@ -71,7 +71,8 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         raise DfqError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it") from exc
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+def constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """Initializers and ``Constant`` node values of ``graph``, by tensor name."""
     consts = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
@@ -92,7 +93,7 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
     """All violations of TensorRT's explicit-quantization rules in ``model`` (empty list: it passes)."""
     proto = load_onnx(model)
     graph = proto.graph
-    consts = _constants(graph)
+    consts = constants(graph)
     opset = max((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), default=0)
     out: list[Violation] = []
     uses_int4_or_blocks = False
