@@ -23,7 +23,7 @@ _API = {
     "check_trt_version": "planner", "Decision": "planner", "MIN_TRT_VERSION": "plan",
     "CalibrationBatcher": "calibrator", "load_calib_images": "calibrator", "inspect_calib_images": "calibrator",
     "make_int8_calibrator": "calibrator", "read_cache": "calibrator", "write_cache": "calibrator",
-    "build_engine": "build", "engine_metadata": "build", "engine_metadata_path": "build",
+    "build_engine": "build", "engine_metadata": "build", "engine_metadata_path": "plan",
     "format_parser_error": "build",
     "InferTiming": "timing", "summarize_timings": "timing", "check_input_shape": "timing",
     "TRTEngine": "engine", "TensorInfo": "engine",

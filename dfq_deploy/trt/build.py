@@ -23,7 +23,7 @@ from dfq_deploy.trt.calibrator import (
     write_cache,
 )
 from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
-from dfq_deploy.trt.plan import EnginePlan, qdq_route_message
+from dfq_deploy.trt.plan import EnginePlan, engine_metadata_path, qdq_route_message
 from dfq_deploy.trt.planner import check_trt_version
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
@@ -55,12 +55,6 @@ def format_parser_error(err: Any) -> str:
     code_name = getattr(code, "name", code)
     desc = call("desc") or str(err)
     return f"{where}: {desc}" + (f" [{code_name}]" if code_name is not None else "")
-
-
-def engine_metadata_path(engine_path: str | Path) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    p = Path(engine_path)
-    return p.with_name(p.name + ".json")
 
 
 def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], build_seconds: float,
@@ -128,7 +122,7 @@ def _configure(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logg
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mb << 20)
     # DETAILED: "layer names and layer parameters" for the engine inspector (default LAYER_NAMES_ONLY),
     # https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/BuilderConfig.html
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, PROFILING_VERBOSITY)
     # Only the calibrator route has flags: FP16/INT8 on a strongly typed network fail the build (10.x) and do
     # not exist in 11.x (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
     # tensorrt-10x-to-11x-python-api-reference.html).

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from dfq_deploy.errors import DfqError
-from dfq_deploy.trt.build import engine_metadata_path
 from dfq_deploy.trt.cuda import CudaError, CudaPython, PyCuda, cuda_backend
 from dfq_deploy.trt.env import gpu_available, require_tensorrt, trt_logger
+from dfq_deploy.trt.plan import engine_metadata_path
 from dfq_deploy.trt.timing import InferTiming, check_input_shape
 
 logger = logging.getLogger(__name__)

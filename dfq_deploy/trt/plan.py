@@ -249,3 +249,8 @@ class EnginePlan:
             raise DfqError(f"engine plan is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
+
+def engine_metadata_path(engine_path: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json`` (written by the build, read by :class:`~dfq_deploy.trt.TRTEngine`)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
