@@ -13,9 +13,9 @@ Sources, tried in this order by :func:`auto_sampler`:
   Channels labelled ``NC`` (not connected) and the "sum of shunt voltages" channel (``in7``) are skipped.
 * :class:`TegrastatsSampler`: a ``tegrastats`` process started for the window (when the binary is on PATH),
   or :class:`TegrastatsLogSampler` for a log the user recorded (``tegrastats --interval 100 --logfile F``).
-* :class:`NVMLSampler`: desktop / server NVIDIA GPUs, ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since the
-  driver was loaded), differenced over the window. The counter updates every 20-100 ms, so windows under a
-  second are flagged.
+* :class:`dfq_deploy.bench.nvml.NVMLSampler`: desktop / server NVIDIA GPUs, NVML's total-energy counter
+  differenced over the window (or its power readings integrated where the GPU has no counter), on the GPU
+  with the CUDA device's PCI bus id.
 * :class:`RAPLSampler`: ``/sys/class/powercap/*/energy_uj`` (CPU package energy), counter wrap handled with
   ``max_energy_range_uj``.
 
@@ -317,6 +317,8 @@ class PowerSampler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._read_errors = 0
+        #: exception types a failed reading raises (a sampler adds its library's, e.g. ``pynvml.NVMLError``)
+        self.read_error_types: tuple[type[BaseException], ...] = (OSError, ValueError)
 
     # -- to implement ----------------------------------------------------------------------------------
     def probe(self) -> str | None:
@@ -335,7 +337,7 @@ class PowerSampler:
     def _sample(self) -> None:
         try:
             reading = self.read()
-        except (OSError, ValueError) as exc:
+        except self.read_error_types as exc:
             self._read_errors += 1
             if self._read_errors == 1:
                 logger.warning("%s: reading failed (%s); the sample is dropped", self.source, exc)
@@ -911,71 +913,6 @@ class TegrastatsSampler(PowerSampler):
         self._proc, self._thread = None, None
 
 
-# -- NVML ------------------------------------------------------------------------------------------------
-
-
-class NVMLSampler(PowerSampler):
-    """Desktop / server NVIDIA GPU energy from NVML's total energy counter (mJ since the driver loaded).
-
-    Needs ``pynvml`` (package ``nvidia-ml-py``) and a Volta or newer GPU. The counter updates every
-    20-100 ms, so windows shorter than a second get a warning. The figure is the GPU board only.
-
-    Args:
-        index: NVML device index.
-        interval_s: counter polling period.
-    """
-
-    source = "nvml"
-    kind = "counter"
-
-    def __init__(self, index: int = 0, interval_s: float = 0.02, gap_factor: float = DEFAULT_GAP_FACTOR,
-                 nvml: Any = None) -> None:
-        super().__init__(interval_s, gap_factor)
-        self.index = index
-        self._nvml = nvml
-        self._handle: Any = None
-        self.gpu_name = ""
-        self.total = f"gpu{index}"
-        self.total_note = "GPU board energy counter (NVML); CPU, memory and the rest of the host not included"
-
-    def _init(self) -> None:
-        if self._handle is not None:
-            return
-        if self._nvml is None:
-            import pynvml  # nvidia-ml-py; optional
-
-            self._nvml = pynvml
-        self._nvml.nvmlInit()
-        self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self.index)
-        name = self._nvml.nvmlDeviceGetName(self._handle)
-        self.gpu_name = name.decode() if isinstance(name, bytes) else str(name)
-
-    def probe(self) -> str | None:
-        try:
-            self._init()
-            self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
-        except ImportError:
-            return "pynvml is not installed (pip install nvidia-ml-py)"
-        except Exception as exc:  # NVMLError subclasses vary by pynvml version
-            return f"NVML energy counter unavailable: {exc}"
-        return None
-
-    def read(self) -> dict[str, float]:
-        return {self.total: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000.0}
-
-    def energy(self, segments: Sequence[tuple[float, float]], images: int) -> dict[str, Any]:
-        res = super().energy(segments, images)
-        if res.get("available") and res["window_s"] < 1.0:
-            res["warnings"].append("window shorter than 1 s: NVML's energy counter updates only every "
-                                   "20-100 ms, so this figure is coarse")
-        return res
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["gpu"] = self.gpu_name
-        return d
-
-
 # -- RAPL ------------------------------------------------------------------------------------------------
 
 
@@ -1101,6 +1038,12 @@ class RAPLSampler(PowerSampler):
 # -- choice ------------------------------------------------------------------------------------------------
 
 
+def _nvml_sampler() -> PowerSampler:
+    from dfq_deploy.bench.nvml import NVMLSampler
+
+    return NVMLSampler()
+
+
 def auto_sampler(tegrastats_log: str | Path | None = None, tegrastats_interval_ms: float = 1000.0,
                  sysfs_root: str | Path = "/sys", powercap_root: str | Path = "/sys/class/powercap",
                  candidates: Sequence[Callable[[], PowerSampler]] | None = None) -> PowerSampler:
@@ -1128,7 +1071,7 @@ def auto_sampler(tegrastats_log: str | Path | None = None, tegrastats_interval_m
         candidates = (
             lambda: INA3221Sampler(sysfs_root),
             lambda: TegrastatsSampler(),
-            lambda: NVMLSampler(),
+            _nvml_sampler,
             lambda: RAPLSampler(powercap_root),
         )
     reasons = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from dfq_deploy.bench import power
 from dfq_deploy.bench.power import (
     INA3221Sampler,
-    NVMLSampler,
     RAPLSampler,
     UnavailableSampler,
     auto_sampler,
@@ -231,52 +229,6 @@ def test_rapl_two_packages_are_summed(tmp_path):
 
 def test_rapl_missing_root(tmp_path):
     assert "does not exist" in RAPLSampler(tmp_path / "nope").probe()
-
-
-# -- NVML (through a stand-in module) ------------------------------------------------------------------------
-
-
-def fake_nvml() -> types.SimpleNamespace:
-    """The pynvml calls NVMLSampler makes; the counter grows by 50 mJ per reading."""
-    state = {"mj": 1_000_000}
-
-    def energy(_handle):
-        state["mj"] += 50
-        return state["mj"]
-
-    return types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
-                                 nvmlDeviceGetName=lambda _h: b"Fake GPU",
-                                 nvmlDeviceGetTotalEnergyConsumption=energy)
-
-
-def test_nvml_sampler_differences_the_counter():
-    s = NVMLSampler(nvml=fake_nvml(), interval_s=0.01)
-    assert s.probe() is None
-    s.times = [100.0, 100.5, 101.0]
-    s.values = [{"gpu0": 10.0}, {"gpu0": 12.0}, {"gpu0": 15.0}]
-    e = s.energy([(100.0, 101.0)], images=10)
-    assert e["joules"] == pytest.approx(5.0) and e["joules_per_image"] == pytest.approx(0.5)
-    assert not any("shorter than 1 s" in w for w in e["warnings"])  # a 1 s window is not flagged
-    e = s.energy([(100.0, 100.5)], images=1)
-    assert e["joules"] == pytest.approx(2.0)
-    assert any("shorter than 1 s" in w for w in e["warnings"])
-    assert s.describe()["gpu"] == "Fake GPU"
-
-
-def test_nvml_sampler_live_thread():
-    s = NVMLSampler(nvml=fake_nvml(), interval_s=0.005)
-    s.start()
-    time.sleep(0.03)
-    s.stop()
-    n = len(s.times)
-    assert n >= 3
-    e = s.energy([(s.times[0], s.times[-1])], images=1)
-    assert e["joules"] == pytest.approx((n - 1) * 0.05)  # every reading adds 50 mJ
-
-
-def test_nvml_without_pynvml(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    assert "pynvml is not installed" in NVMLSampler().probe()
 
 
 # -- automatic choice ------------------------------------------------------------------------------------------
