@@ -21,7 +21,7 @@ logger = logging.getLogger("dfq_deploy")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from dfq_deploy.models import BUNDLED_MODEL
+    from dfq_deploy.config import BUNDLED_MODEL
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None if required else BUNDLED_MODEL,
@@ -153,6 +153,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acceptance(args: argparse.Namespace) -> int:
+    from dfq_deploy.bench.acceptance import acceptance_plan, check_environment, passed, run_acceptance
+
+    if not args.dry_run:
+        check_environment()  # one line, before any work (or a torch import), when TensorRT or the GPU is missing
+    from dfq_deploy.data import default_cifar10
+
+    args.data = args.data or str(default_cifar10("dev"))
+    if args.dry_run:
+        for step in acceptance_plan(args.outdir, args.data, args.limit):
+            print(f"{step.name}: {step.detail}")
+        return 0
+    result = run_acceptance(args.outdir, args.data, args.limit, progress=not args.quiet)
+    print((Path(args.outdir) / "acceptance.md").read_text())
+    return 0 if passed(result) else 1
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from dfq_deploy.trt import build_engine, plan_build
 
@@ -269,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="engine path (default <onnx stem>.engine)")
     t.add_argument("--dry-run", action="store_true", help="print the build plan as JSON and stop")
     t.set_defaults(func=cmd_build)
+
+    a = sub.add_parser(
+        "acceptance", parents=[common],
+        help="the GPU acceptance run: export, build, engine accuracy vs ONNX Runtime, GPU tests, latency, energy")
+    a.add_argument("outdir")
+    a.add_argument("--data", help="ImageFolder for the accuracy checks (default: the shared CIFAR-10 dev split)")
+    a.add_argument("--limit", type=int, help="check accuracy on a seeded subset of this many images")
+    a.add_argument("--dry-run", action="store_true", help="print the steps and stop")
+    a.set_defaults(func=cmd_acceptance)
 
     r = sub.add_parser(
         "report", parents=[common], help="merge several bench/export output folders into one table and plot")

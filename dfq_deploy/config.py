@@ -151,6 +151,9 @@ PRESETS: dict[str, QuantConfig] = {
 
 W8A8, W4A16, W3A16, W2A16 = PRESETS["W8A8"], PRESETS["W4A16"], PRESETS["W3A16"], PRESETS["W2A16"]
 
+#: The model the package bundles (weights inside it) and every command's default ``--model``.
+BUNDLED_MODEL = "deit_tiny_cifar10"
+
 #: Compute types of an exported graph: FP16 is what TensorRT should build (it keeps the graph's types), FP32 is for
 #: CPU runtimes. Input and output are FP32 either way.
 GRAPH_DTYPES = ("fp16", "fp32")

@@ -20,12 +20,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import _create_vision_transformer
 
+from dfq_deploy.config import BUNDLED_MODEL  # re-exported: timm's registry name of the bundled model
 from dfq_deploy.errors import DfqError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED_MODEL = "deit_tiny_cifar10"
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "deit_tiny_cifar10.safetensors"
 
 #: Short names accepted by ``--model``; anything else is passed to timm as is.

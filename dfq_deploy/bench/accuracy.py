@@ -87,3 +87,20 @@ def evaluate_onnx(path: str | Path, data_dir: str | Path, limit: int | None = No
     result = _evaluate(predict, data_dir, data_cfg, limit, batch_size, progress, path.name)
     result["artifact"] = str(path)
     return result
+
+
+def evaluate_engine(path: str | Path, data_dir: str | Path, limit: int | None = None, batch_size: int = 32,
+                    progress: bool = True) -> dict[str, Any]:
+    """Accuracy of a TensorRT engine (needs TensorRT and a GPU), preprocessed with the data config of the ONNX
+    graph it was built from (named in its ``<engine>.json``); ``batch_size`` must lie in its profile."""
+    from dfq_deploy.trt.engine import TRTEngine
+
+    with TRTEngine(path) as engine:
+        onnx_path = (engine.build_info.get("plan") or {}).get("onnx")
+        if not onnx_path:
+            raise DfqError(f"{path} has no <engine>.json naming its ONNX graph: build it with dfq-deploy build")
+        data_cfg = onnx_data_config(onnx_path)
+        result = _evaluate(lambda x: np.asarray(engine.infer(x.numpy())), data_dir, data_cfg, limit, batch_size,
+                           progress, Path(path).name)
+    result["artifact"] = str(path)
+    return result
