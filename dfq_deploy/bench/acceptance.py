@@ -4,7 +4,8 @@ Top to bottom, on a machine with an NVIDIA GPU and TensorRT >= 10:
 
 1. check TensorRT and the GPU at once (one line naming what is missing, before any work);
 2. export the bundled model three times (:data:`EXPORTS`: the FP16 float graph, W8A8, W4A16; FP16-typed, each
-   with its ONNX Runtime accuracy on ``dev`` in ``report.json``);
+   with its ONNX Runtime accuracy on ``dev`` in ``report.json``), the quantized ones from one data-free
+   calibration set synthesised once with the export's defaults;
 3. build each engine (strongly typed, batch 1..32, one shared timing cache);
 4. measure each engine's top-1 on the same ``dev`` images and compare it with the ONNX Runtime figure
    (:data:`ACCURACY_TOLERANCE_POINTS`);
@@ -107,10 +108,11 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     result: dict[str, Any] = {"tensorrt": tensorrt_version(), "gpu": gpu_info(), "data": str(data), "limit": limit,
                               "exports": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     engines = []
+    synth = _calibration_set(out / "synth", progress)  # synthesised once, shared by the quantized exports
     for name, bits, precision in EXPORTS:
         logger.warning("acceptance: export %s", name)
         report = export_model(ExportOptions(bits=bits, output=out / name, eval_data=data, eval_limit=limit,
-                                            progress=progress))
+                                            calib_from=synth if bits < 16 else None, progress=progress))
         logger.warning("acceptance: build %s", name)
         plan = plan_build(report["artifact"], precision, batch=BATCHES,  # (min, opt, max)
                           timing_cache=out / "timing.cache", output=out / name / "model.engine")
@@ -128,6 +130,24 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     result["seconds"] = time.perf_counter() - t0
     write_summary(result, out)
     return result
+
+
+def _calibration_set(folder: Path, progress: bool) -> Path:
+    """The export's default data-free calibration set of the bundled model, saved in ``folder`` (resumable)."""
+    import torch
+
+    from dfq_deploy.calib.synth import run_synthesis
+    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+    from dfq_deploy.models import ModelSpec, create_model, data_config
+    from dfq_deploy.pipeline import ExportOptions
+
+    spec = ModelSpec()
+    torch.manual_seed(0)
+    model = create_model(spec)
+    run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=ExportOptions.num_samples,
+                  iters=DEFAULT_SYNTH_ITERS, output_dir=folder, seed=0, resume=True, progress=progress,
+                  model_info=spec.to_dict())
+    return folder
 
 
 def run_gpu_tests() -> dict[str, Any]:
