@@ -39,6 +39,8 @@ BATCHES = (1, 8, 32)
 #: Timed seconds per engine and batch size in the latency step.
 BENCH_SECONDS = 5.0
 TESTS_DIR = Path(__file__).resolve().parents[2] / "tests" / "trt"
+#: The GPU tests may take this long before they count as failed.
+GPU_TESTS_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,13 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     from dfq_deploy.bench.accuracy import evaluate_engine
     from dfq_deploy.bench.latency import run_benchmark
     from dfq_deploy.bench.power import auto_sampler
+    from dfq_deploy.data import ImageFolder
     from dfq_deploy.pipeline import ExportOptions, export_model
     from dfq_deploy.trt import build_engine, plan_build
     from dfq_deploy.trt.env import gpu_info, tensorrt_version
 
     check_environment()
+    ImageFolder(data)  # a missing or empty data folder fails now, not after the synthesis
     out = Path(outdir)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"tensorrt": tensorrt_version(), "gpu": gpu_info(), "data": str(data), "limit": limit,
@@ -110,23 +114,30 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     engines = []
     synth = _calibration_set(out / "synth", progress)  # synthesised once, shared by the quantized exports
     for name, bits, precision in EXPORTS:
-        logger.warning("acceptance: export %s", name)
-        report = export_model(ExportOptions(bits=bits, output=out / name, eval_data=data, eval_limit=limit,
-                                            calib_from=synth if bits < 16 else None, progress=progress))
-        logger.warning("acceptance: build %s", name)
-        plan = plan_build(report["artifact"], precision, batch=BATCHES,  # (min, opt, max)
-                          timing_cache=out / "timing.cache", output=out / name / "model.engine")
-        engine = build_engine(plan)
+        try:  # a failed export, build or evaluation is a failed check of this export; the others still run
+            logger.warning("acceptance: export %s", name)
+            report = export_model(ExportOptions(bits=bits, output=out / name, eval_data=data, eval_limit=limit,
+                                                calib_from=synth if bits < 16 else None, progress=progress))
+            logger.warning("acceptance: build %s", name)
+            plan = plan_build(report["artifact"], precision, batch=BATCHES,  # (min, opt, max)
+                              timing_cache=out / "timing.cache", output=out / name / "model.engine")
+            engine = build_engine(plan)
+            acc = evaluate_engine(engine, data, limit, progress=progress)
+        except DfqError as exc:
+            logger.error("acceptance: %s failed: %s", name, exc)
+            result["exports"][name] = {"error": str(exc), "parity_passed": False}
+            continue
         engines.append(engine)
-        acc = evaluate_engine(engine, data, limit, progress=progress)
         result["exports"][name] = {"onnx": report["artifact"], "engine": str(engine), "dtype": report["dtype"],
                                    "parity_passed": report["parity"]["passed"],
                                    "accuracy": compare_accuracy(report["accuracy"]["top1"], acc["top1"])}
     result["gpu_tests"] = run_gpu_tests()
-    bench = run_benchmark(engines, runtime="trt", batches=BATCHES, seconds=BENCH_SECONDS, progress=progress,
-                          power_sampler=auto_sampler())
-    result["latency"] = [{"name": a["name"], "batches": [{k: v for k, v in b.items() if k != "samples_s"}
-                                                         for b in a["batches"]]} for a in bench["artifacts"]]
+    result["latency"] = []
+    if engines:
+        bench = run_benchmark(engines, runtime="trt", batches=BATCHES, seconds=BENCH_SECONDS, progress=progress,
+                              power_sampler=auto_sampler())
+        result["latency"] = [{"name": a["name"], "batches": [{k: v for k, v in b.items() if k != "samples_s"}
+                                                             for b in a["batches"]]} for a in bench["artifacts"]]
     result["seconds"] = time.perf_counter() - t0
     write_summary(result, out)
     return result
@@ -154,15 +165,21 @@ def run_gpu_tests() -> dict[str, Any]:
     """``pytest -m gpu tests/trt`` in a subprocess, when the source tree is there."""
     if not TESTS_DIR.is_dir():
         return {"ran": False, "reason": f"{TESTS_DIR} not found (installed without the source tree)"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", str(TESTS_DIR)],
-                          capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", str(TESTS_DIR)],
+                              capture_output=True, text=True, check=False, timeout=GPU_TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"ran": True, "passed": False, "summary": f"timed out after {GPU_TESTS_TIMEOUT_S} s"}
+    if proc.returncode == 5:  # pytest: no tests collected
+        return {"ran": False, "reason": f"no GPU tests collected in {TESTS_DIR}"}
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     return {"ran": True, "passed": proc.returncode == 0, "summary": lines[-1] if lines else proc.stderr[-500:]}
 
 
 def passed(result: dict[str, Any]) -> bool:
     """Every export's accuracy check, its parity and the GPU tests (when they ran) passed."""
-    ok = all(e["accuracy"]["passed"] and e["parity_passed"] for e in result["exports"].values())
+    ok = bool(result["exports"]) and all("error" not in e and e["accuracy"]["passed"] and e["parity_passed"]
+                                         for e in result["exports"].values())
     tests = result.get("gpu_tests", {})
     return ok and (not tests.get("ran") or bool(tests.get("passed")))
 
@@ -177,6 +194,9 @@ def summary_markdown(result: dict[str, Any]) -> str:
              "| export | dtype | ONNX Runtime top-1 | engine top-1 | difference | within tolerance | parity |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in result["exports"].items():
+        if "error" in e:
+            lines.append(f"| {name} | | | | | NO | failed: {e['error']} |")
+            continue
         a = e["accuracy"]
         lines.append(f"| {name} | {e['dtype']} | {100 * a['onnxruntime_top1']:.2f} | {100 * a['engine_top1']:.2f} | "
                      f"{a['delta_points']:+.2f} | {'yes' if a['passed'] else 'NO'} | "

@@ -100,7 +100,14 @@ def evaluate_engine(path: str | Path, data_dir: str | Path, limit: int | None = 
         if not onnx_path:
             raise DfqError(f"{path} has no <engine>.json naming its ONNX graph: build it with dfq-deploy build")
         data_cfg = onnx_data_config(onnx_path)
-        result = _evaluate(lambda x: np.asarray(engine.infer(x.numpy())), data_dir, data_cfg, limit, batch_size,
-                           progress, Path(path).name)
+        bmin, _, bmax = engine.batch_range
+
+        def predict(x: torch.Tensor) -> np.ndarray:
+            n = len(x)  # the last batch may be below the profile's minimum: pad it, drop the padding
+            if n < bmin:
+                x = torch.cat([x, x[-1:].expand(bmin - n, *x.shape[1:])])
+            return np.asarray(engine.infer(np.ascontiguousarray(x.numpy())))[:n]
+
+        result = _evaluate(predict, data_dir, data_cfg, limit, min(batch_size, bmax), progress, Path(path).name)
     result["artifact"] = str(path)
     return result

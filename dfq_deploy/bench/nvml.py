@@ -89,12 +89,16 @@ class NVMLSampler(PowerSampler):
         if hasattr(nvml, "NVMLError"):
             self.read_error_types = (*self.read_error_types, nvml.NVMLError)
         self.bus_id = self._pci_bus_id(self.index)
+        handle, why = None, f"no CUDA runtime to map cuda:{self.index} to its PCI bus id"
         if self.bus_id is not None:
-            handle = nvml.nvmlDeviceGetHandleByPciBusId(self.bus_id)
-        else:
-            self.warnings.append(f"no CUDA runtime to map cuda:{self.index} to its PCI bus id: NVML device "
-                                 f"{self.index} was used, which is the same GPU only in PCI order "
-                                 "(CUDA_DEVICE_ORDER=PCI_BUS_ID)")
+            try:
+                handle = nvml.nvmlDeviceGetHandleByPciBusId(self.bus_id)
+            except (*self.read_error_types, TypeError) as exc:  # not found, or an old pynvml wanting bytes
+                why = f"NVML could not open PCI bus id {self.bus_id} ({exc})"
+        if handle is None:
+            self.warnings.append(f"{why}: NVML device {self.index} was used, which is cuda:{self.index} only in "
+                                 "PCI order (CUDA_DEVICE_ORDER=PCI_BUS_ID)")
+            self.bus_id = None
             handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
         try:
             nvml.nvmlDeviceGetTotalEnergyConsumption(handle)

@@ -71,16 +71,21 @@ def test_summary_of_a_recorded_run(tmp_path):
     assert "9 passed in 80.1s" in md
 
 
-@pytest.mark.parametrize("broken", ["accuracy", "parity", "gpu_tests"])
+@pytest.mark.parametrize("broken", ["accuracy", "parity", "gpu_tests", "export_error"])
 def test_any_failed_check_fails_the_run(broken):
     run = json.loads(json.dumps(RECORDED))
     if broken == "accuracy":
         run["exports"]["w8a8"]["accuracy"] = compare_accuracy(0.7776, 0.70)
     elif broken == "parity":
         run["exports"]["fp16"]["parity_passed"] = False
-    else:
+    elif broken == "gpu_tests":
         run["gpu_tests"]["passed"] = False
-    assert not passed(run) and "**FAILED**" in summary_markdown(run)
+    else:  # an export, build or evaluation that raised is recorded, and the other exports still report
+        run["exports"]["w4a16"] = {"error": "TensorRT failed to build the engine", "parity_passed": False}
+    md = summary_markdown(run)
+    assert not passed(run) and "**FAILED**" in md and "| w8a8 | fp16 | 77.76 |" in md
+    if broken == "export_error":
+        assert "| w4a16 | | | | | NO | failed: TensorRT failed to build the engine |" in md
 
 
 @pytest.mark.gpu

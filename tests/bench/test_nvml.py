@@ -39,6 +39,8 @@ class FakeNVML:
         self.inits += 1
 
     def nvmlDeviceGetHandleByPciBusId(self, bus_id: str) -> str:
+        if bus_id not in self.by_bus:
+            raise NVMLError("Not Found")
         return self.by_bus[bus_id]
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
@@ -119,3 +121,9 @@ def test_without_pynvml(monkeypatch):
 
 def test_cuda_pci_bus_id_without_a_usable_gpu_is_none():
     assert cuda_pci_bus_id(0) is None  # no driver on this machine: NVMLSampler then warns and uses NVML's index
+
+
+def test_a_bus_id_nvml_cannot_open_falls_back_to_the_index_with_a_warning():
+    s = NVMLSampler(index=1, nvml=FakeNVML(), pci_bus_id=lambda _i: "0000:09:00.0")  # not a bus NVML knows
+    assert s.probe() is None and s.describe()["gpu"] == "NVIDIA A100-SXM4-40GB" and s.bus_id is None
+    assert any("could not open PCI bus id 0000:09:00.0" in w for w in s.warnings)
