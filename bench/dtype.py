@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dfq_deploy.bench.accuracy import onnx_data_config
-from dfq_deploy.calib.synth import run_synthesis
+from dfq_deploy.calib.synth import synthesize_default
 from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
@@ -56,13 +56,10 @@ def logits(onnx_path: Path, images: torch.Tensor, threads: int | None) -> np.nda
 
 def run_model(key: str, spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir) / key
-    torch.manual_seed(0)  # random-weight models: the same weights for synthesis and every export
-    model = create_model(spec)
-    synth_dir = work / "synth"
     t = time.perf_counter()
-    run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=args.num_samples, iters=args.synth_iters,
-                  output_dir=synth_dir, seed=0, resume=True, progress=False, model_info=spec.to_dict())
+    synth_dir = synthesize_default(spec, work / "synth", args.num_samples, args.synth_iters, progress=False)
     synth_s = time.perf_counter() - t
+    model = create_model(spec)  # for its data config only
     x, y = load_images(args.data, data_config(model), limit=args.limit, seed=0)
     y = y.numpy()
     rows = []

@@ -100,7 +100,9 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     from dfq_deploy.bench.accuracy import evaluate_engine
     from dfq_deploy.bench.latency import run_benchmark
     from dfq_deploy.bench.power import auto_sampler
+    from dfq_deploy.calib.synth import synthesize_default
     from dfq_deploy.data import ImageFolder
+    from dfq_deploy.models import ModelSpec
     from dfq_deploy.pipeline import ExportOptions, export_model
     from dfq_deploy.trt import build_engine, plan_build
     from dfq_deploy.trt.env import gpu_info, tensorrt_version
@@ -112,7 +114,7 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     result: dict[str, Any] = {"tensorrt": tensorrt_version(), "gpu": gpu_info(), "data": str(data), "limit": limit,
                               "exports": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     engines = []
-    synth = _calibration_set(out / "synth", progress)  # synthesised once, shared by the quantized exports
+    synth = synthesize_default(ModelSpec(), out / "synth", ExportOptions.num_samples, progress=progress)  # once
     for name, bits, precision in EXPORTS:
         try:  # a failed export, build or evaluation is a failed check of this export; the others still run
             logger.warning("acceptance: export %s", name)
@@ -141,24 +143,6 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     result["seconds"] = time.perf_counter() - t0
     write_summary(result, out)
     return result
-
-
-def _calibration_set(folder: Path, progress: bool) -> Path:
-    """The export's default data-free calibration set of the bundled model, saved in ``folder`` (resumable)."""
-    import torch
-
-    from dfq_deploy.calib.synth import run_synthesis
-    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
-    from dfq_deploy.models import ModelSpec, create_model, data_config
-    from dfq_deploy.pipeline import ExportOptions
-
-    spec = ModelSpec()
-    torch.manual_seed(0)
-    model = create_model(spec)
-    run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=ExportOptions.num_samples,
-                  iters=DEFAULT_SYNTH_ITERS, output_dir=folder, seed=0, resume=True, progress=progress,
-                  model_info=spec.to_dict())
-    return folder
 
 
 def run_gpu_tests() -> dict[str, Any]:

@@ -11,7 +11,7 @@ and :func:`load_synth_dir` reads such a folder back as a :class:`CalibSet`.
 from dfq_deploy.calib.synth import dfqvit, noise, psaq, real, spdfq  # noqa: F401,E402  (registration side effects)
 from dfq_deploy.calib.synth.base import SYNTHESIZERS, CalibRequest, CalibSet, get_source, register_synthesizer
 from dfq_deploy.calib.synth.loop import METHODS, SynthOptions, SynthResult, method_options, synthesize
-from dfq_deploy.calib.synth.run import load_synth_dir, run_synthesis
+from dfq_deploy.calib.synth.run import load_synth_dir, run_synthesis, synthesize_default
 
 __all__ = [
     "METHODS",
@@ -25,5 +25,6 @@ __all__ = [
     "method_options",
     "register_synthesizer",
     "run_synthesis",
+    "synthesize_default",
     "synthesize",
 ]

@@ -328,3 +328,29 @@ def _check_matches(d: Path, images: torch.Tensor, saved: dict[str, Any], data_cf
                 f"images in {d} were normalised with {key}={saved[key]}, the model uses {list(data_cfg[key])}: "
                 "synthesise for this model"
             )
+
+
+def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32, iters: int | None = None,
+                       progress: bool = True) -> Path:
+    """The export's default data-free calibration set of a model, saved (resumably) for ``--calib-from``.
+
+    Builds ``spec`` (a :class:`dfq_deploy.models.ModelSpec`) after seeding 0, as ``export`` does, and runs
+    :data:`dfq_deploy.config.DEFAULT_CALIB` with seed 0 into ``output_dir``.
+
+    Args:
+        spec: the model.
+        output_dir: the synth folder (resumed when it holds a checkpoint of the same run).
+        num_samples: images.
+        iters: iterations (default :data:`dfq_deploy.config.DEFAULT_SYNTH_ITERS`).
+        progress: show the progress bar.
+    """
+    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+    from dfq_deploy.models import create_model, data_config
+
+    torch.manual_seed(0)  # random-weight models: the same weights as the export job builds
+    model = create_model(spec)
+    run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=num_samples,
+                  iters=iters or DEFAULT_SYNTH_ITERS, output_dir=output_dir, seed=0, resume=True, progress=progress,
+                  model_info=spec.to_dict())
+    return Path(output_dir)
+
