@@ -7,6 +7,11 @@ next to the ONNX file, or from flags::
     python examples/classify_folder.py model.engine data/val --report out/deit/report.json
     python examples/classify_folder.py model.engine data/val --size 224 \\
         --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+    python examples/classify_folder.py out/deit/model.engine data/val --threads 4 --cuda-graphs
+
+With ``--threads N`` the images are decoded on the main thread and N worker threads call the one engine
+(:class:`~dfq_deploy.trt.TRTEngine` lends each concurrent call an execution context of its own); this is the
+pattern for a server.
 
 Labels follow the ImageFolder convention (class folders sorted alphabetically give 0..C-1), which must be
 the model's class order for the top-1 figure to mean anything.
@@ -18,7 +23,9 @@ import argparse
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +85,35 @@ def classify(args: argparse.Namespace) -> int:
     cfg = data_config(engine_path, args)
     correct = seen = 0
     t_start = time.perf_counter()
-    with TRTEngine(engine_path, backend=args.backend) as engine:
+    if args.threads < 1:
+        raise DfqError(f"--threads {args.threads}: must be at least 1")
+    with TRTEngine(engine_path, backend=args.backend, cuda_graphs=args.cuda_graphs) as engine, \
+            ThreadPoolExecutor(args.threads) as workers:
         lo, _, hi = engine.batch_range
         chw = engine.inputs[0].profile[0][1:]  # type: ignore[index]
         if tuple(chw) != tuple(cfg["input_size"]):
             raise DfqError(f"the engine takes {list(chw)} images, the data config gives "
                            f"{list(cfg['input_size'])}")
         batch_size = min(args.batch_size, hi)
-        for x, y in iter_image_batches(args.data, cfg, batch_size, args.limit):
-            images = x.numpy()
+
+        def run(images: np.ndarray, labels: np.ndarray) -> int:
             n = len(images)
             if n < lo:  # pad a short last batch up to the profile's minimum
                 images = np.concatenate([images, np.zeros((lo - n, *images.shape[1:]), images.dtype)])
-            logits = engine.infer(images)[:n]
-            correct += int((logits.argmax(-1) == y.numpy()).sum())
-            seen += n
+            logits = engine.infer(images)[:n]  # one engine, any thread: each call gets its own context
+            return int((logits.argmax(-1) == labels).sum())
+
+        # decode on this thread, run on the workers; at most 2 batches a worker in flight
+        in_flight: deque[Future[int]] = deque()
+        for x, y in iter_image_batches(args.data, cfg, batch_size, args.limit):
+            in_flight.append(workers.submit(run, x.numpy(), y.numpy()))
+            seen += len(y)
+            while len(in_flight) >= 2 * args.threads:
+                correct += in_flight.popleft().result()
+        correct += sum(f.result() for f in in_flight)
         history = engine.timing_history
         stats = summarize_timings(history, skip=1 if len(history) > 1 else 0)
+        contexts, graph_calls = engine.num_contexts, engine.graph_calls
     total_s = time.perf_counter() - t_start
     if seen == 0:
         raise DfqError(f"no images in {args.data}")
@@ -103,7 +122,8 @@ def classify(args: argparse.Namespace) -> int:
           f"{stats['images_per_s_wall']:.1f} images/s engine calls incl. copies, "
           f"{stats['images_per_s_compute']:.1f} images/s GPU compute (batch {batch_size})")
     print(f"per batch: compute {stats['compute_ms']['median']:.2f} ms, "
-          f"H2D {stats['h2d_ms']['median']:.2f} ms, D2H {stats['d2h_ms']['median']:.2f} ms (medians)")
+          f"H2D {stats['h2d_ms']['median']:.2f} ms, D2H {stats['d2h_ms']['median']:.2f} ms (medians); "
+          f"{args.threads} thread(s), {contexts} execution context(s), {graph_calls} CUDA graph replays")
     return 0
 
 
@@ -121,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="images per engine call (capped at the engine profile's max)")
     p.add_argument("--limit", type=int, help="classify a seeded random subset of this many images")
     p.add_argument("--backend", choices=("cuda-python", "pycuda"), help="CUDA Python bindings to use")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads calling the one engine at once (each gets its own execution context)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay a CUDA graph of the engine for batches of a repeated shape (cuda-python)")
     args = p.parse_args(argv)
     try:
         return classify(args)

@@ -4,7 +4,8 @@ This package is the only place in dfq-deploy that imports ``tensorrt``, and it d
 importing any module here needs neither TensorRT nor a GPU. Every Builder, Runtime and parser shares one TensorRT
 logger (:func:`~dfq_deploy.trt.env.trt_logger`). Imports run one way::
 
-    cuda -> env -> plan -> calibrator -> planner -> build -> engine      (timing alone; env -> inspector)
+    cuda -> env -> plan -> calibrator -> planner -> build
+    cuda, env, timing -> compat, context -> engine                       (env -> inspector)
 
 The public names are re-exported lazily from their modules.
 """
@@ -26,7 +27,8 @@ _API = {
     "build_engine": "build", "engine_metadata": "build", "engine_metadata_path": "plan",
     "format_parser_error": "build",
     "InferTiming": "timing", "summarize_timings": "timing", "check_input_shape": "timing",
-    "TRTEngine": "engine", "TensorInfo": "engine",
+    "TRTEngine": "engine", "TensorInfo": "context", "ExecSlot": "context", "SlotPool": "context",
+    "Compat": "compat", "check_engine_compat": "compat",
     "engine_layers": "inspector", "parse_engine_information": "inspector", "layer_datatypes": "inspector",
     "integer_layers": "inspector", "fused_attention_layers": "inspector", "layer_summary": "inspector",
 }

@@ -1,7 +1,9 @@
 """CUDA memory, streams and events for TensorRT, through cuda-python (default) or pycuda.
 
 Both backends expose the same small set of operations (:class:`CudaPython`, :class:`PyCuda`); the engine
-runner and the INT8 calibrator use whichever :func:`cuda_backend` returns.
+runner and the INT8 calibrator use whichever :func:`cuda_backend` returns. Only cuda-python serves an engine
+from several threads (the runtime API binds a device per thread) and captures CUDA graphs; pycuda refuses both
+with a line that says to install cuda-python.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,6 +164,52 @@ class CudaPython:
     def event_destroy(self, event: Any) -> None:
         self._call(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
 
+    # devices: the runtime API keeps a current device per host thread (device 0 in a new thread)
+    def current_device(self) -> int:
+        return int(self._call(self.rt.cudaGetDevice(), "cudaGetDevice"))
+
+    def bind_thread(self, device: int) -> None:
+        """Make ``device`` current in the calling thread (threads start on device 0)."""
+        self._call(self.rt.cudaSetDevice(int(device)), "cudaSetDevice")
+
+    # CUDA graphs (stream capture)
+    supports_graphs = True
+
+    def graph_capture(self, stream: Any, work: Callable[[], bool]) -> tuple[Any | None, str]:
+        """Capture what ``work()`` enqueues on ``stream`` into an instantiated CUDA graph.
+
+        Capture is thread-local (``cudaStreamCaptureModeThreadLocal``), so other threads may keep launching
+        work meanwhile. The capture is always ended, also when ``work`` fails or raises, so the stream is
+        usable afterwards.
+
+        Returns:
+            ``(graph_exec, "")``, or ``(None, reason)`` when ``work`` returned False or CUDA refused the capture.
+        """
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._call(self.rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+        ok = False
+        try:
+            ok = bool(work())
+        finally:
+            err, graph = self.rt.cudaStreamEndCapture(stream)
+        if int(err) != 0:
+            return None, f"cudaStreamEndCapture: {cuda_error_text(self.rt, err)}"
+        try:
+            if not ok:
+                return None, "the work refused to run under stream capture"
+            err, graph_exec = self.rt.cudaGraphInstantiate(graph, 0)
+            if int(err) != 0:
+                return None, f"cudaGraphInstantiate: {cuda_error_text(self.rt, err)}"
+            return graph_exec, ""
+        finally:
+            self.rt.cudaGraphDestroy(graph)  # the instantiated graph does not need its template
+
+    def graph_launch(self, graph_exec: Any, stream: Any) -> None:
+        self._call(self.rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
+
+    def graph_destroy(self, graph_exec: Any) -> None:
+        self._call(self.rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
+
     def close(self) -> None:
         pass
 
@@ -182,6 +231,7 @@ class PyCuda:
         except Exception as exc:
             raise CudaError(f"pycuda could not initialise CUDA: {exc}") from exc
         self.ctx.push()
+        self._owner = threading.get_ident()
         self._allocs: dict[int, Any] = {}
 
     def malloc(self, nbytes: int) -> int:
@@ -237,6 +287,27 @@ class PyCuda:
 
     def event_destroy(self, event: Any) -> None:
         del event
+
+    # devices: pycuda's context was pushed on the opening thread only
+    def current_device(self) -> int:
+        return 0
+
+    def bind_thread(self, device: int) -> None:
+        """Refuse other threads: the pycuda context is current on the thread that opened the engine only."""
+        if threading.get_ident() != self._owner:
+            raise DfqError("the pycuda backend runs an engine from the thread that opened it only: install "
+                           "cuda-python (pip install cuda-python) to share one engine across threads")
+
+    supports_graphs = False
+
+    def graph_capture(self, stream: Any, work: Callable[[], bool]) -> tuple[Any | None, str]:
+        return None, "CUDA graphs need the cuda-python backend (pip install cuda-python)"
+
+    def graph_launch(self, graph_exec: Any, stream: Any) -> None:
+        raise DfqError("CUDA graphs need the cuda-python backend")
+
+    def graph_destroy(self, graph_exec: Any) -> None:
+        pass
 
     def close(self) -> None:
         try:

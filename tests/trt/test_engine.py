@@ -123,6 +123,9 @@ def test_example_data_config_from_report_and_flags(tmp_path: Path, capsys) -> No
                   "--std", "1,1,1"])
     assert rc == 2  # one-line error, exit code 2
     assert "engine file not found" in capsys.readouterr().err
+    rc = ex.main([str(tmp_path / "missing.engine"), str(tmp_path), "--size", "8", "--mean", "0,0,0",
+                  "--std", "1,1,1", "--threads", "0"])
+    assert rc == 2 and "--threads 0" in capsys.readouterr().err
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------
@@ -166,6 +169,55 @@ def test_trt_engine_takes_torch_cuda_tensors_without_copies(engine_path: Path) -
 
 @pytest.mark.gpu
 @requires_gpu
+def test_one_engine_serves_many_threads_each_with_its_own_context(engine_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(int(b), 3, 8, 8)).astype(np.float32) for b in rng.integers(1, 9, size=24)]
+    with TRTEngine(engine_path) as eng:
+        alone = [eng.infer(x) for x in batches]
+    with TRTEngine(engine_path) as eng, ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(eng.infer, batches))
+        assert 1 <= eng.num_contexts <= 4 and len(eng.timing_history) == len(batches)
+    for a, b in zip(alone, shared, strict=True):
+        np.testing.assert_array_equal(a, b)  # same engine, same inputs: bit-identical from any thread
+    with TRTEngine(engine_path, max_contexts=1) as eng, ThreadPoolExecutor(4) as pool:
+        capped = list(pool.map(eng.infer, batches))
+        assert eng.num_contexts == 1
+    for a, b in zip(alone, capped, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_cuda_graphs_replay_repeated_shapes_with_the_same_outputs(engine_path: Path) -> None:
+    x = np.random.default_rng(1).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    with TRTEngine(engine_path) as eng:
+        plain = [eng.infer(x[:b]) for b in (4, 4, 4, 2, 2, 4)]
+    with TRTEngine(engine_path, cuda_graphs=True) as eng:
+        graphed = [eng.infer(x[:b]) for b in (4, 4, 4, 2, 2, 4)]
+        # calls 2-3 (batch 4) and 5 (batch 2) replay a graph; a shape change runs plainly first
+        assert eng.graph_calls == 3, eng.graph_calls
+        assert eng.timings["compute_ms"] > 0
+    for a, b in zip(plain, graphed, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_engine_from_another_tensorrt_or_gpu_is_refused_in_one_line(engine_path: Path) -> None:
+    meta_path = engine_path.parent / (engine_path.name + ".json")
+    meta = json.loads(meta_path.read_text())
+    meta["tensorrt_version"] = "9.0.0.1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DfqError, match=r"built by TensorRT 9\.0\.0\.1 but this is TensorRT"):
+        TRTEngine(engine_path).open()
+    with TRTEngine(engine_path, check_build=False):  # the record alone was wrong: the engine itself runs
+        pass
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_example_classifies_a_folder(engine_path: Path, tmp_path: Path, capsys) -> None:
     data = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=8)
     ex = _load_example()
@@ -174,3 +226,9 @@ def test_example_classifies_a_folder(engine_path: Path, tmp_path: Path, capsys) 
     out = capsys.readouterr().out
     assert rc == 0
     assert "top-1" in out and "on 6 images" in out and "images/s" in out
+    one_thread = out.splitlines()[0]
+    rc = ex.main([str(engine_path), str(data), "--size", "8", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+                  "--crop-pct", "1.0", "--batch-size", "2", "--threads", "2", "--cuda-graphs"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.splitlines()[0].split(" on ")[0] == one_thread.split(" on ")[0]  # same top-1
+    assert "2 thread(s)" in out

@@ -1,0 +1,302 @@
+"""One execution context of an engine with everything a call needs: :class:`ExecSlot`.
+
+TensorRT's rule for threads: "The TensorRT runtime can be used by multiple threads simultaneously, so long as
+each object uses a different execution context" (Developer Guide, "Thread Safety"), and each context should
+have a CUDA stream of its own. A slot is that unit: an ``IExecutionContext``, its stream, its timing events, its
+pinned host and device buffers for the largest shape of the profile, and at most one CUDA graph.
+:class:`~dfq_deploy.trt.engine.TRTEngine` keeps a pool of slots and lends one to each call, so concurrent
+callers never share one.
+
+CUDA graphs (TensorRT 11.0 "Optimizing TensorRT Performance", CUDA Graphs;
+https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/performance/optimization.html): ``execute_async_v3`` may
+be captured on a non-default stream once the input shapes are set and one ordinary call has run with them (it
+flushes TensorRT's deferred, shape-dependent updates). A graph fixes the shapes and every tensor address, so a
+slot captures a graph only for its own staging buffers (NumPy inputs, not torch tensors, whose addresses change
+each call), only when the same shapes come twice in a row, and drops it when the shapes change. Only the engine
+is in the graph; the copies stay ordinary async copies, timed by the same events as without a graph. When
+capture fails (an engine with data-dependent shapes, loops, or a plugin that synchronises), the slot says why
+once and runs without graphs from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dfq_deploy.errors import DfqError
+from dfq_deploy.trt.cuda import CudaError, CudaPython, PyCuda
+from dfq_deploy.trt.timing import InferTiming
+
+logger = logging.getLogger(__name__)
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One engine I/O tensor.
+
+    Attributes:
+        name: tensor name.
+        is_input: input (True) or output.
+        dtype: NumPy dtype.
+        shape: engine shape (``-1`` for dynamic dimensions).
+        profile: ``(min, opt, max)`` shapes for inputs, None for outputs.
+    """
+
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+
+class ExecSlot:
+    """An execution context with its stream, events, staging buffers and CUDA graph.
+
+    Not thread-safe by itself: one caller at a time (the engine's pool guarantees it).
+
+    Args:
+        engine: the deserialised ``ICudaEngine``.
+        inputs: the engine's inputs.
+        outputs: the engine's outputs.
+        cuda: the CUDA backend.
+        label: how to name the engine in messages.
+    """
+
+    def __init__(self, engine: Any, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
+                 cuda: CudaPython | PyCuda, label: str) -> None:
+        self.inputs, self.outputs, self.cuda, self.label = list(inputs), list(outputs), cuda, label
+        self._device: dict[str, int] = {}
+        self._host: dict[str, np.ndarray] = {}
+        self._events: list[Any] = []
+        self._stream: Any = None
+        self._graph: Any = None
+        self._graph_shapes: Shapes | None = None
+        self._state: Shapes | None = None  # input shapes of the last ordinary call or capture on this context
+        self.graph_calls = 0
+        self.graph_error: str | None = None
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise CudaError(f"could not create an execution context for {label} (out of GPU memory?)")
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _allocate(self) -> None:
+        cuda, ctx = self.cuda, self.context
+        for t in self.inputs:
+            assert t.profile is not None
+            if not ctx.set_input_shape(t.name, t.profile[2]):
+                raise DfqError(f"TensorRT rejected the profile's max shape {t.profile[2]} for '{t.name}'")
+        for t in self.inputs + self.outputs:
+            max_shape = t.profile[2] if t.is_input and t.profile else ctx.get_tensor_shape(t.name)
+            shape = tuple(int(d) for d in max_shape)
+            if any(d < 0 for d in shape):
+                raise DfqError(f"output '{t.name}' has a data-dependent shape {shape}: not supported")
+            self._device[t.name] = cuda.malloc(int(np.prod(shape)) * t.dtype.itemsize)
+            self._host[t.name] = cuda.host_empty(shape, t.dtype)
+        self._stream = cuda.stream_create()
+        self._events = [cuda.event_create() for _ in range(4)]
+
+    @property
+    def has_graph(self) -> bool:
+        return self._graph is not None
+
+    def close(self) -> None:
+        """Free the graph, buffers, events and stream, and release the context (safe to call twice)."""
+        cuda = self.cuda
+        if self._stream is not None:
+            try:
+                cuda.stream_sync(self._stream)
+            except DfqError as exc:
+                logger.warning("while closing %s: %s", self.label, exc)
+        self._drop_graph()
+        for ptr in self._device.values():
+            cuda.free(ptr)
+        for arr in self._host.values():
+            cuda.host_free(arr)
+        for ev in self._events:
+            cuda.event_destroy(ev)
+        if self._stream is not None:
+            cuda.stream_destroy(self._stream)
+        self._device, self._host, self._events, self._stream = {}, {}, [], None
+        self.context = None
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            try:
+                self.cuda.graph_destroy(self._graph)
+            except DfqError as exc:
+                logger.warning("while freeing the CUDA graph of %s: %s", self.label, exc)
+        self._graph, self._graph_shapes = None, None
+
+    # --- one call ---------------------------------------------------------------------------------------
+    def _set_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            if not self.context.set_input_shape(name, shape):
+                raise DfqError(f"TensorRT rejected input shape {list(shape)} for '{name}'")
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.cuda.stream_handle(self._stream)):
+            raise DfqError(f"TensorRT execution failed for {self.label} (see the TensorRT errors above)")
+
+    def _engine_step(self, key: Shapes, use_graph: bool) -> None:
+        """Enqueue the engine for input shapes ``key``: replay the graph, capture one, or run it plainly."""
+        if self._graph is not None and self._graph_shapes == key and self._state == key:
+            self.cuda.graph_launch(self._graph, self._stream)
+            self.graph_calls += 1
+            return
+        if self._graph is not None:  # the shapes changed: the graph no longer fits
+            self._drop_graph()
+        if use_graph and self.graph_error is None and self._state == key:
+            # the previous call ran these shapes plainly, so TensorRT's deferred updates are flushed
+            graph, reason = self.cuda.graph_capture(self._stream, lambda: bool(
+                self.context.execute_async_v3(self.cuda.stream_handle(self._stream))))
+            if graph is not None:
+                self._graph, self._graph_shapes = graph, key
+                self.cuda.graph_launch(graph, self._stream)
+                self.graph_calls += 1
+                return
+            self.graph_error = reason
+            logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.label, reason)
+        self._execute()
+        self._state = key
+
+    def run_host(self, feed: Mapping[str, np.ndarray], use_graph: bool) -> tuple[dict[str, np.ndarray],
+                                                                               InferTiming]:
+        """Run NumPy inputs (checked by the caller) through pinned staging buffers; return copies of the outputs."""
+        t0 = time.perf_counter()
+        cuda, ctx, ev, stream = self.cuda, self.context, self._events, self._stream
+        shapes = {t.name: tuple(int(d) for d in feed[t.name].shape) for t in self.inputs}
+        key: Shapes = tuple(shapes[t.name] for t in self.inputs)
+        staged = {}
+        for t in self.inputs:
+            arr = feed[t.name]
+            host = self._host[t.name].reshape(-1)[: arr.size].reshape(arr.shape)
+            np.copyto(host, arr)
+            staged[t.name] = host
+        if not (self._graph is not None and self._graph_shapes == key and self._state == key):
+            self._set_shapes(shapes)
+            for t in self.inputs + self.outputs:
+                ctx.set_tensor_address(t.name, self._device[t.name])
+        out_shapes = {t.name: tuple(int(d) for d in ctx.get_tensor_shape(t.name)) for t in self.outputs}
+        cuda.event_record(ev[0], stream)
+        for name, host in staged.items():
+            cuda.htod_async(self._device[name], host, stream)
+        cuda.event_record(ev[1], stream)
+        self._engine_step(key, use_graph)
+        cuda.event_record(ev[2], stream)
+        results: dict[str, np.ndarray] = {}
+        for t in self.outputs:
+            shape = out_shapes[t.name]
+            host = self._host[t.name].reshape(-1)[: int(np.prod(shape))].reshape(shape)
+            cuda.dtoh_async(host, self._device[t.name], stream)
+            results[t.name] = host
+        cuda.event_record(ev[3], stream)
+        cuda.event_sync(ev[3])
+        results = {k: v.copy() for k, v in results.items()}  # the pinned buffers are reused next call
+        return results, self._timing(key, t0)
+
+    def run_device(self, feed: Mapping[str, Any], out_dtypes: Mapping[str, Any]) -> tuple[dict[str, Any],
+                                                                                       InferTiming]:
+        """Run torch CUDA tensors in place (their ``data_ptr``); outputs are new torch CUDA tensors. No graphs."""
+        import torch
+
+        t0 = time.perf_counter()
+        cuda, ctx, ev, stream = self.cuda, self.context, self._events, self._stream
+        shapes = {t.name: tuple(int(d) for d in feed[t.name].shape) for t in self.inputs}
+        self._set_shapes(shapes)
+        device = next(iter(feed.values())).device
+        for t in self.inputs:
+            ctx.set_tensor_address(t.name, int(feed[t.name].data_ptr()))
+        outs = {}
+        for t in self.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+            outs[t.name] = torch.empty(shape, dtype=out_dtypes[t.name], device=device)
+            ctx.set_tensor_address(t.name, int(outs[t.name].data_ptr()))
+        torch.cuda.current_stream(device).synchronize()  # the inputs are ready before the engine reads them
+        for e in ev[:2]:
+            cuda.event_record(e, stream)
+        self._execute()
+        # the context now holds torch addresses: the next staged call runs plainly before any capture
+        self._state = None
+        self._drop_graph()
+        for e in ev[2:]:
+            cuda.event_record(e, stream)
+        cuda.event_sync(ev[3])
+        return outs, self._timing(tuple(shapes[t.name] for t in self.inputs), t0)
+
+    def _timing(self, key: Shapes, t0: float) -> InferTiming:
+        ev, cuda = self._events, self.cuda
+        return InferTiming(int(key[0][0]) if key and key[0] else 1, cuda.elapsed_ms(ev[0], ev[1]),
+                           cuda.elapsed_ms(ev[1], ev[2]), cuda.elapsed_ms(ev[2], ev[3]),
+                           1000 * (time.perf_counter() - t0))
+
+
+class SlotPool:
+    """Lends one slot to each concurrent caller: a free one, a new one, or (at ``max_slots``) the next freed.
+
+    Slots are made by ``factory`` on demand, so a single-threaded app holds one context and a server with
+    N worker threads holds N. Works on any objects with a ``close()``.
+
+    Args:
+        factory: makes a new slot (called under the pool's lock, one at a time).
+        max_slots: most slots at once (None: one per concurrent caller).
+    """
+
+    def __init__(self, factory: Any, max_slots: int | None = None) -> None:
+        if max_slots is not None and max_slots < 1:
+            raise DfqError(f"max_contexts {max_slots}: must be at least 1 (or None for one per thread)")
+        import threading
+
+        self._factory, self.max_slots = factory, max_slots
+        self._free: list[Any] = []
+        self._all: list[Any] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """Slots made so far."""
+        return len(self._all)
+
+    @property
+    def slots(self) -> list[Any]:
+        return list(self._all)
+
+    def acquire(self) -> Any:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise DfqError("the engine was closed while a call waited for an execution context")
+                if self._free:
+                    return self._free.pop()
+                if self.max_slots is None or len(self._all) < self.max_slots:
+                    slot = self._factory()
+                    self._all.append(slot)
+                    return slot
+                self._cond.wait()
+
+    def release(self, slot: Any) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._free.append(slot)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Close every slot (callers still running must have finished: close after joining worker threads)."""
+        with self._cond:
+            self._closed = True
+            slots, self._all, self._free = self._all, [], []
+            self._cond.notify_all()
+        for slot in slots:
+            slot.close()
