@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 VERSION_PARTS = 3
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0)``; ``"10.3"`` -> ``(10, 3, 0)`` (missing parts are 0)."""
+    parts = trt_version_tuple(version)[:VERSION_PARTS]
+    return parts + (0,) * (VERSION_PARTS - len(parts))
+
+
 @dataclass(frozen=True)
 class Compat:
     """The verdict on one engine.
@@ -67,7 +73,7 @@ def check_engine_compat(meta: Mapping[str, Any], trt_version: str, gpu: Mapping[
     warnings: list[str] = []
     built_trt = meta.get("tensorrt_version")
     if built_trt:
-        built, here = trt_version_tuple(str(built_trt))[:VERSION_PARTS], trt_version_tuple(trt_version)[:VERSION_PARTS]
+        built, here = _release(str(built_trt)), _release(trt_version)
         if built != here:
             return Compat(f"{engine_name} was built by TensorRT {built_trt} but this is TensorRT {trt_version}: "
                           "engines run only on the TensorRT version that built them; rebuild it here with "

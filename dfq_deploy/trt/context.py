@@ -2,7 +2,13 @@
 
 TensorRT's rule for threads: "The TensorRT runtime can be used by multiple threads simultaneously, so long as
 each object uses a different execution context" (Developer Guide, "Thread Safety"), and each context should
-have a CUDA stream of its own. A slot is that unit: an ``IExecutionContext``, its stream, its timing events, its
+have a CUDA stream of its own. Every context of an engine starts on optimization profile 0
+(``createExecutionContext``, NvInferRuntime.h), and since TensorRT 10.0 contexts may share a profile: the
+preview feature ``kPROFILE_SHARING_0806`` "allows optimization profiles to be shared across execution contexts"
+and is always on (NvInfer.h, release/10.3; gone in 11, where sharing is the behaviour), although the
+``IExecutionContext`` class comment still asks for one profile per concurrent context.
+
+A slot is the unit of one call: an ``IExecutionContext``, its (non-blocking) stream, its timing events, its
 pinned host and device buffers for the largest shape of the profile, and at most one CUDA graph.
 :class:`~dfq_deploy.trt.engine.TRTEngine` keeps a pool of slots and lends one to each call, so concurrent
 callers never share one.
@@ -111,22 +117,30 @@ class ExecSlot:
         return self._graph is not None
 
     def close(self) -> None:
-        """Free the graph, buffers, events and stream, and release the context (safe to call twice)."""
+        """Free the graph, buffers, events and stream, and release the context (safe to call twice).
+
+        Each release is attempted even when an earlier one fails (after a device fault every call may fail):
+        failures are logged, never raised, so the other slots and the engine are released too.
+        """
         cuda = self.cuda
-        if self._stream is not None:
+
+        def attempt(what: str, fn: Any, *args: Any) -> None:
             try:
-                cuda.stream_sync(self._stream)
-            except DfqError as exc:
-                logger.warning("while closing %s: %s", self.label, exc)
-        self._drop_graph()
-        for ptr in self._device.values():
-            cuda.free(ptr)
-        for arr in self._host.values():
-            cuda.host_free(arr)
-        for ev in self._events:
-            cuda.event_destroy(ev)
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - cleanup goes on
+                logger.warning("while closing %s (%s): %s", self.label, what, exc)
+
         if self._stream is not None:
-            cuda.stream_destroy(self._stream)
+            attempt("stream sync", cuda.stream_sync, self._stream)
+        attempt("CUDA graph", self._drop_graph)
+        for ptr in self._device.values():
+            attempt("device buffer", cuda.free, ptr)
+        for arr in self._host.values():
+            attempt("pinned buffer", cuda.host_free, arr)
+        for ev in self._events:
+            attempt("event", cuda.event_destroy, ev)
+        if self._stream is not None:
+            attempt("stream", cuda.stream_destroy, self._stream)
         self._device, self._host, self._events, self._stream = {}, {}, [], None
         self.context = None
 
@@ -183,7 +197,9 @@ class ExecSlot:
             host = self._host[t.name].reshape(-1)[: arr.size].reshape(arr.shape)
             np.copyto(host, arr)
             staged[t.name] = host
-        if not (self._graph is not None and self._graph_shapes == key and self._state == key):
+        if self._state != key:
+            # only on a change: the context must not be touched between the flushing call and a capture, nor
+            # before a replay (TensorRT, CUDA Graphs); the addresses are this slot's own and never change
             self._set_shapes(shapes)
             for t in self.inputs + self.outputs:
                 ctx.set_tensor_address(t.name, self._device[t.name])
@@ -245,7 +261,9 @@ class SlotPool:
     """Lends one slot to each concurrent caller: a free one, a new one, or (at ``max_slots``) the next freed.
 
     Slots are made by ``factory`` on demand, so a single-threaded app holds one context and a server with
-    N worker threads holds N. Works on any objects with a ``close()``.
+    N worker threads holds N. When making one more fails (out of GPU memory on a small board) while others
+    exist, the pool stops growing and the caller waits for a free slot instead. Works on any objects with a
+    ``close()``.
 
     Args:
         factory: makes a new slot (called under the pool's lock, one at a time).
@@ -276,27 +294,51 @@ class SlotPool:
         with self._cond:
             while True:
                 if self._closed:
-                    raise DfqError("the engine was closed while a call waited for an execution context")
+                    raise DfqError("the engine was closed: open it again to run it")
                 if self._free:
                     return self._free.pop()
                 if self.max_slots is None or len(self._all) < self.max_slots:
-                    slot = self._factory()
+                    try:
+                        slot = self._factory()
+                    except DfqError as exc:
+                        if not self._all:
+                            raise
+                        self.max_slots = len(self._all)
+                        logger.warning("could not make execution context %d (%s): staying at %d, callers wait",
+                                       len(self._all) + 1, exc, len(self._all))
+                        continue
                     self._all.append(slot)
                     return slot
                 self._cond.wait()
 
     def release(self, slot: Any) -> None:
         with self._cond:
-            if self._closed:
+            if self._closed:  # the pool closed while this call ran: the slot is closed now that it is back
+                slot.close()
+                self._all = [s for s in self._all if s is not slot]
+                self._cond.notify_all()
                 return
             self._free.append(slot)
             self._cond.notify()
 
-    def close(self) -> None:
-        """Close every slot (callers still running must have finished: close after joining worker threads)."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Close every slot: the free ones now, the borrowed ones as their calls return (up to ``timeout``)."""
+        import time
+
         with self._cond:
             self._closed = True
-            slots, self._all, self._free = self._all, [], []
+            free, self._free = self._free, []
+            self._all = [s for s in self._all if s not in free]
             self._cond.notify_all()
-        for slot in slots:
+        for slot in free:
             slot.close()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._all and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+            left, self._all = self._all, []
+        if left:
+            logger.warning("%d execution context(s) still in use after %.0f s: closing them anyway", len(left),
+                           timeout)
+            for slot in left:
+                slot.close()

@@ -123,7 +123,11 @@ class CudaPython:
             self._call(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
 
     def stream_create(self) -> Any:
-        return self._call(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+        # Non-blocking: while one thread captures a CUDA graph on a blocking stream, any use of the legacy
+        # default stream (torch's default, cudaMemcpy) in any thread is invalid (CUDA Programming Guide,
+        # "Prohibited and Unhandled Operations"); a non-blocking stream keeps other threads' work legal.
+        return self._call(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking),
+                          "cudaStreamCreateWithFlags")
 
     def stream_handle(self, stream: Any) -> int:
         return int(stream)
@@ -168,9 +172,12 @@ class CudaPython:
     def current_device(self) -> int:
         return int(self._call(self.rt.cudaGetDevice(), "cudaGetDevice"))
 
-    def bind_thread(self, device: int) -> None:
-        """Make ``device`` current in the calling thread (threads start on device 0)."""
-        self._call(self.rt.cudaSetDevice(int(device)), "cudaSetDevice")
+    def bind_thread(self, device: int) -> int:
+        """Make ``device`` current in the calling thread (threads start on device 0); returns the previous one."""
+        previous = self.current_device()
+        if previous != int(device):
+            self._call(self.rt.cudaSetDevice(int(device)), "cudaSetDevice")
+        return previous
 
     # CUDA graphs (stream capture)
     supports_graphs = True
@@ -187,22 +194,32 @@ class CudaPython:
         """
         mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self._call(self.rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-        ok = False
+        ok, graph, reason = False, None, ""
         try:
             ok = bool(work())
         finally:
             err, graph = self.rt.cudaStreamEndCapture(stream)
-        if int(err) != 0:
-            return None, f"cudaStreamEndCapture: {cuda_error_text(self.rt, err)}"
-        try:
-            if not ok:
-                return None, "the work refused to run under stream capture"
-            err, graph_exec = self.rt.cudaGraphInstantiate(graph, 0)
             if int(err) != 0:
-                return None, f"cudaGraphInstantiate: {cuda_error_text(self.rt, err)}"
-            return graph_exec, ""
-        finally:
-            self.rt.cudaGraphDestroy(graph)  # the instantiated graph does not need its template
+                reason = f"cudaStreamEndCapture: {cuda_error_text(self.rt, err)}"
+            if not ok or reason:
+                self._forget(graph)  # also when work() raised
+        if reason or not ok:
+            return None, reason or "the work refused to run under stream capture"
+        err, graph_exec = self.rt.cudaGraphInstantiateWithFlags(graph, 0)
+        self.rt.cudaGraphDestroy(graph)  # the instantiated graph does not need its template
+        if int(err) != 0:
+            self.rt.cudaGetLastError()
+            return None, f"cudaGraphInstantiate: {cuda_error_text(self.rt, err)}"
+        return graph_exec, ""
+
+    def _forget(self, graph: Any) -> None:
+        """Destroy a failed capture's graph and clear CUDA's last error, as trtexec does after a failed capture."""
+        if graph is not None:
+            try:
+                self.rt.cudaGraphDestroy(graph)
+            except Exception:  # noqa: BLE001 - cleaning up after a failure already being reported
+                logger.debug("could not destroy a failed capture's graph")
+        self.rt.cudaGetLastError()
 
     def graph_launch(self, graph_exec: Any, stream: Any) -> None:
         self._call(self.rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
@@ -292,11 +309,12 @@ class PyCuda:
     def current_device(self) -> int:
         return 0
 
-    def bind_thread(self, device: int) -> None:
+    def bind_thread(self, device: int) -> int:
         """Refuse other threads: the pycuda context is current on the thread that opened the engine only."""
         if threading.get_ident() != self._owner:
             raise DfqError("the pycuda backend runs an engine from the thread that opened it only: install "
                            "cuda-python (pip install cuda-python) to share one engine across threads")
+        return 0
 
     supports_graphs = False
 

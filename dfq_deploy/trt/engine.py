@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,19 @@ class TRTEngine:
     Threads: :meth:`infer` may be called from any number of threads at once. Each concurrent call borrows an
     execution context (with its own stream and buffers) from a pool that grows to the number of threads
     calling at once, or to ``max_contexts``; a context holds its own activation memory, so ``max_contexts``
-    bounds GPU memory on small boards. Open and close the engine from one thread, and close it after the
-    worker threads are done. The cuda-python backend is needed for more than one thread.
+    bounds GPU memory on small boards (and when one more context does not fit, callers wait for a free one).
+    Open and close the engine from one thread; :meth:`close` waits for calls still running, and a closed
+    engine refuses further calls until :meth:`open` is called again. The cuda-python backend is needed for
+    more than one thread. Each call makes the engine's GPU current in its thread and restores the thread's
+    own afterwards.
 
     CUDA graphs (``cuda_graphs=True``, cuda-python backend, NumPy inputs): when a context sees the same input
     shapes twice in a row it captures the engine into a CUDA graph and replays it while the shapes stay the
     same, which removes the per-kernel launch cost (most visible at batch 1 on Jetson). Outputs equal those of
     ordinary calls. If TensorRT cannot be captured for this engine, the engine says why once and runs without.
+    The engine's streams are non-blocking, so other threads may use the default stream during a capture, but
+    not device-wide synchronisation (``torch.cuda.synchronize()``, ``cudaDeviceSynchronize``), which CUDA
+    forbids while any stream captures.
 
     The engine is opened on ``with``, by :meth:`open`, or on first use of :meth:`infer` / :attr:`inputs` /
     :attr:`input_shape`; :meth:`close` (or leaving the ``with`` block) frees everything.
@@ -82,6 +89,8 @@ class TRTEngine:
         cuda_graphs: replay CUDA graphs for repeated input shapes.
         max_contexts: most execution contexts at once (None: one per concurrent caller).
         check_build: refuse an engine whose build record names another TensorRT version or GPU.
+        max_timings: most entries :attr:`timing_history` keeps (the newest; None: all), so a server's history
+            stays bounded.
 
     Raises (when opened):
         DfqError: missing file, no GPU, an engine built by another TensorRT version or for another GPU, or one
@@ -90,14 +99,15 @@ class TRTEngine:
     """
 
     def __init__(self, path: str | Path, backend: str | None = None, keep_timings: bool = True,
-                 cuda_graphs: bool = False, max_contexts: int | None = None, check_build: bool = True) -> None:
+                 cuda_graphs: bool = False, max_contexts: int | None = None, check_build: bool = True,
+                 max_timings: int | None = 100_000) -> None:
         self.path = Path(path)
         self.backend_name = backend
         self.keep_timings = keep_timings
         self.cuda_graphs = cuda_graphs
         self.max_contexts = max_contexts
         self.check_build = check_build
-        self.timing_history: list[InferTiming] = []
+        self.timing_history: deque[InferTiming] = deque(maxlen=max_timings)  # append is thread-safe
         self.tensorrt_version: str | None = None
         self._lock = threading.Lock()
         self._tls = threading.local()
@@ -108,6 +118,7 @@ class TRTEngine:
         self._runtime: Any = None
         self._engine: Any = None
         self._pool: SlotPool | None = None
+        self._closed = False
 
     # lifecycle
     def __enter__(self) -> TRTEngine:
@@ -129,6 +140,13 @@ class TRTEngine:
             if self.is_open:
                 return
             self._open_locked()
+            self._closed = False
+
+    def _ensure_open(self) -> None:
+        """Open on first use, but not again after :meth:`close` (a straggling call must not reopen it)."""
+        if self._closed:
+            raise DfqError(f"{self.path} was closed: call open() to use it again")
+        self.open()
 
     def _open_locked(self) -> None:
         if not self.path.is_file():
@@ -190,6 +208,8 @@ class TRTEngine:
     def close(self) -> None:
         """Free every context, buffer, event and stream and release the TensorRT objects (safe to call twice)."""
         with self._lock:
+            if self._pool is not None:
+                self._closed = True
             self._close_locked()
 
     def _close_locked(self) -> None:
@@ -207,12 +227,12 @@ class TRTEngine:
     # properties (opening the engine on first use)
     @property
     def inputs(self) -> list[TensorInfo]:
-        self.open()
+        self._ensure_open()
         return self._inputs
 
     @property
     def outputs(self) -> list[TensorInfo]:
-        self.open()
+        self._ensure_open()
         return self._outputs
 
     @property
@@ -294,22 +314,26 @@ class TRTEngine:
         Raises:
             DfqError: wrong input names/shapes/types, batch outside the profile, a closed engine.
         """
-        self.open()
+        self._ensure_open()
         pool, cuda = self._pool, self._cuda
         if pool is None or cuda is None:
-            raise DfqError(f"{self.path} was closed")
+            raise DfqError(f"{self.path} was closed: call open() to use it again")
         feed = dict(inputs) if isinstance(inputs, Mapping) else {self.input_name: inputs}
         device_io = self._check_feed(feed)
-        cuda.bind_thread(self._device_index)
-        slot = pool.acquire()
+        previous = cuda.bind_thread(self._device_index)
         try:
-            if device_io:
-                dtypes = {t.name: _torch_dtype(t.dtype) for t in self._outputs}
-                results, timing = slot.run_device(feed, dtypes)
-            else:
-                results, timing = slot.run_host(feed, self.cuda_graphs)
+            slot = pool.acquire()
+            try:
+                if device_io:
+                    dtypes = {t.name: _torch_dtype(t.dtype) for t in self._outputs}
+                    results, timing = slot.run_device(feed, dtypes)
+                else:
+                    results, timing = slot.run_host(feed, self.cuda_graphs)
+            finally:
+                pool.release(slot)
         finally:
-            pool.release(slot)
+            if previous != self._device_index:
+                cuda.bind_thread(previous)
         self._tls.last = timing
         if self.keep_timings:
             self.timing_history.append(timing)  # list.append is atomic
@@ -329,6 +353,8 @@ class TRTEngine:
             x = feed[t.name]
             check_input_shape(t.name, tuple(x.shape), t.profile[0], t.profile[2])
             if device_io:
+                if x.device.index is not None and x.device.index != self._device_index:
+                    raise DfqError(f"input '{t.name}' is on {x.device}, the engine runs on cuda:{self._device_index}")
                 want = _torch_dtype(t.dtype)
                 if x.dtype != want:
                     raise DfqError(f"input '{t.name}' is {x.dtype}, the engine expects {want}")

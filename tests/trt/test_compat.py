@@ -50,3 +50,8 @@ def test_unknown_facts_do_not_refuse() -> None:
     assert check_engine_compat(ORIN, "10.3.0.30", {}).ok
     assert check_engine_compat({"tensorrt_version": "10.3.0.30"}, "10.3.0.30", ORIN_HERE).ok
     assert not check_engine_compat({"tensorrt_version": "10.3.0.30"}, "10.4.0.1", {}).ok
+
+
+def test_a_short_version_in_the_record_is_read_as_its_release() -> None:
+    assert check_engine_compat({"tensorrt_version": "10.3"}, "10.3.0.30", ORIN_HERE).ok
+    assert not check_engine_compat({"tensorrt_version": "10.3"}, "10.4.0.1", ORIN_HERE).ok

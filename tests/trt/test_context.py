@@ -73,7 +73,7 @@ def test_max_slots_caps_contexts_and_callers_wait() -> None:
     assert pool.size == 2 and max(overlaps) == 1 and sum(s.calls for s in made) == 30
 
 
-def test_closing_wakes_waiters_with_a_clear_error() -> None:
+def test_closing_wakes_waiters_and_waits_for_calls_still_running() -> None:
     pool = SlotPool(lambda: Slot([]), max_slots=1)
     held = pool.acquire()
     errors: list[str] = []
@@ -84,16 +84,49 @@ def test_closing_wakes_waiters_with_a_clear_error() -> None:
         except DfqError as exc:
             errors.append(str(exc))
 
-    t = threading.Thread(target=wait)
-    t.start()
+    waiter = threading.Thread(target=wait)
+    waiter.start()
     time.sleep(0.05)
-    pool.close()
-    t.join(timeout=5)
-    assert not t.is_alive() and errors and "closed" in errors[0]
-    assert held.closed
-    pool.release(held)  # releasing into a closed pool is harmless
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive() and errors and "closed" in errors[0]
+    time.sleep(0.05)
+    assert closer.is_alive() and not held.closed  # a borrowed slot is not freed under its call
+    pool.release(held)  # the call returns: now it is closed, and close() finishes
+    closer.join(timeout=5)
+    assert not closer.is_alive() and held.closed and pool.size == 0
     with pytest.raises(DfqError, match="closed"):
         pool.acquire()
+
+
+def test_close_gives_up_on_a_call_that_never_returns() -> None:
+    pool = SlotPool(lambda: Slot([]))
+    held = pool.acquire()
+    t0 = time.monotonic()
+    pool.close(timeout=0.1)
+    assert held.closed and time.monotonic() - t0 < 5
+
+
+def test_a_context_that_does_not_fit_makes_callers_wait() -> None:
+    made: list[Slot] = []
+
+    def factory() -> Slot:
+        if len(made) == 2:
+            raise DfqError("could not create an execution context (out of GPU memory?)")
+        return Slot(made)
+
+    pool = SlotPool(factory)
+    overlaps: list[int] = []
+    with ThreadPoolExecutor(4) as ex:
+        for f in [ex.submit(_hammer, pool, overlaps, 5) for _ in range(4)]:
+            f.result()
+    assert pool.size == 2 and pool.max_slots == 2 and max(overlaps) == 1
+    failing = SlotPool(lambda: factory())  # the first context failing is the caller's error
+    made.clear()
+    made.extend([Slot([]), Slot([])])
+    with pytest.raises(DfqError, match="out of GPU memory"):
+        failing.acquire()
 
 
 def test_max_slots_must_be_positive() -> None:

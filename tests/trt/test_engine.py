@@ -59,7 +59,7 @@ def test_summarize_timings() -> None:
 # --- TRTEngine without TensorRT / GPU ---------------------------------------------------------------------
 def test_trt_engine_missing_file(tmp_path: Path) -> None:
     eng = TRTEngine(tmp_path / "missing.engine")
-    assert not eng.is_open and eng.timings == {} and eng.timing_history == []
+    assert not eng.is_open and eng.timings == {} and list(eng.timing_history) == []
     with pytest.raises(DfqError, match="engine file not found"), eng:
         pass
     with pytest.raises(DfqError, match="engine file not found"):
@@ -201,6 +201,57 @@ def test_cuda_graphs_replay_repeated_shapes_with_the_same_outputs(engine_path: P
         assert eng.timings["compute_ms"] > 0
     for a, b in zip(plain, graphed, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_graph_captures_in_threads_beside_default_stream_work(engine_path: Path) -> None:
+    """Captures on the engine's non-blocking streams leave other threads' default-stream work legal."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    x = np.random.default_rng(2).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def default_stream_work() -> None:
+        a = torch.randn(256, 256, device="cuda")
+        try:
+            while not stop.is_set():
+                (a @ a).sum().item()  # legacy default stream, synchronising copy
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    side = threading.Thread(target=default_stream_work)
+    side.start()
+    try:
+        with TRTEngine(engine_path) as eng:
+            ref = eng.infer(x)
+        with TRTEngine(engine_path, cuda_graphs=True) as eng, ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(eng.infer, [x] * 30))
+            assert eng.graph_calls > 0
+    finally:
+        stop.set()
+        side.join()
+    assert not errors, errors
+    for out in outs:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_a_closed_engine_refuses_calls(engine_path: Path) -> None:
+    eng = TRTEngine(engine_path)
+    eng.infer(np.ones((1, 3, 8, 8), np.float32))
+    eng.close()
+    with pytest.raises(DfqError, match="was closed"):
+        eng.infer(np.ones((1, 3, 8, 8), np.float32))
+    eng.open()  # an explicit open brings it back
+    assert eng.infer(np.ones((1, 3, 8, 8), np.float32)).shape == (1, NUM_CLASSES)
+    eng.close()
 
 
 @pytest.mark.gpu
