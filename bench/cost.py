@@ -51,11 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dfq_deploy.bench.report import cpu_model
+from dfq_deploy.bench.synth_cost import StepTimer, drop_warmup, time_baseline
 from dfq_deploy.calib.correction import MODES
 from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, method_options, synthesize
 from dfq_deploy.calib.synth.loop import Stage, get_method, synthesis_mode
@@ -104,54 +103,7 @@ def variants() -> list[Variant]:
     return out
 
 
-# --- timing helpers ---------------------------------------------------------------------------------------
-class StepTimer:
-    """Wall time between consecutive ``torch.optim`` steps anywhere in the process (one synthesis iteration).
-
-    ``times[j]`` is the duration of 0-based iteration ``j + 1`` (iteration 0 has no previous step to start from).
-    """
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-        self._handle: Any = None
-
-    def _hook(self, _opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
-
-    def __enter__(self) -> StepTimer:
-        self._handle = register_optimizer_step_post_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-
-def drop_warmup(times: list[float], warmup: int) -> list[float]:
-    """Drop the first ``warmup`` entries, but always keep at least one."""
-    return times[min(warmup, max(len(times) - 1, 0)) :]
-
-
-def time_baseline(model: nn.Module, dcfg: dict[str, Any], n: int, iters: int, seed: int) -> list[float]:
-    """Seconds of each of ``iters`` plain forward+backward passes (CE on random targets, grad w.r.t. images)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *dcfg["input_size"]), generator=gen).requires_grad_(True)
-    times = []
-    with synthesis_mode(model):
-        with torch.no_grad():
-            classes = model(x[:1]).shape[-1]
-        y = torch.randint(0, classes, (n,), generator=gen)
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            x.grad = None
-            F.cross_entropy(model(x), y).backward()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
+# --- timing helpers (StepTimer, drop_warmup, time_baseline: dfq_deploy.bench.synth_cost) ------------------
 def time_method(model: nn.Module, dcfg: dict[str, Any], v: Variant, n: int, iters: int, seed: int) -> dict[str, Any]:
     """Run ``v`` for ``iters`` iterations through :func:`synthesize`; per-iteration seconds grouped by stage."""
     opts = method_options(v.method, v.options, num_samples=n, seed=seed, iterations=iters)

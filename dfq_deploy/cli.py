@@ -25,11 +25,22 @@ def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None if required else BUNDLED_MODEL,
-                   help=f"timm name or alias (deit_t, deit_s, deit_b, vit_s, vit_b, swin_t, swin_s, swin_b); "
+                   help=f"timm name or alias (deit_t, deit_s, deit_b, vit_s, vit_b, vit_l, swin_t, swin_s, swin_b); "
                         f"default: the bundled {BUNDLED_MODEL}")
     g.add_argument("--checkpoint", help="local weights: .safetensors or a torch state dict")
     g.add_argument("--model-kwargs", help="architecture overrides, e.g. img_size=32,patch_size=4,depth=6")
     g.add_argument("--random-weights", action="store_true", help="random initialisation (tests, speed benchmarks)")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    from dfq_deploy.config import DEVICE_CHOICES, SYNTH_PRECISIONS
+
+    p.add_argument("--device", default=DEVICE_CHOICES[0],
+                   help=f"where the PyTorch work runs: {', '.join(DEVICE_CHOICES)} or cuda:N (default "
+                        f"{DEVICE_CHOICES[0]}: CUDA when torch sees a GPU, else the CPU)")
+    p.add_argument("--synth-dtype", choices=SYNTH_PRECISIONS,
+                   help=f"synthesis compute precision: {SYNTH_PRECISIONS[0]} (default) or {SYNTH_PRECISIONS[1]} "
+                        "autocast; ranges, corrections and parity are float32 either way")
 
 
 def _spec(args: argparse.Namespace):
@@ -54,7 +65,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         parity_threshold=args.parity_threshold,
         eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
         calib_from=args.calib_from, correct=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
-        reconstruct_iters=args.reconstruct_iters, plot=args.plot,
+        reconstruct_iters=args.reconstruct_iters, plot=args.plot, device=args.device,
+        synth_precision=args.synth_dtype,
     ))
     from dfq_deploy.export.parity import parity_sets
 
@@ -74,18 +86,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import torch
 
     from dfq_deploy.calib.synth import METHODS, run_synthesis
+    from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
 
     spec = _spec(args)
     spec.timm_name  # noqa: B018 - an unknown model fails before anything else
     METHODS.get(args.method)
+    device = resolve_device(args.device)
     try:
         options = json.loads(args.options) if args.options else None
     except json.JSONDecodeError as exc:
         raise DfqError(f"--options is not valid JSON ({exc.msg}): write e.g. '{{\"alpha1\": 100}}'") from None
+    if args.synth_dtype is not None:
+        if options is not None and not isinstance(options, dict):
+            raise DfqError("--options must be a JSON object, e.g. '{\"alpha1\": 100}'")
+        options = {**(options or {}), "precision": args.synth_dtype}
     out = args.output or f"out/synth-{spec.name}-{args.method}"
     torch.manual_seed(args.seed)  # --random-weights: the same seed builds the same model, so --resume matches
-    model = create_model(spec)
+    model = create_model(spec).to(device)
     calib = run_synthesis(model, data_config(model), args.method, num_samples=args.num_samples, iters=args.iters,
                           output_dir=out, seed=args.seed, resume=args.resume, options=options,
                           progress=not args.quiet, checkpoint_every=args.checkpoint_every,
@@ -224,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
     e.add_argument("--synth-iters", type=int, default=DEFAULT_SYNTH_ITERS,
                    help=f"synthesis iterations when --calib is a data-free method (default {DEFAULT_SYNTH_ITERS})")
+    _device_args(e)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="output folder (default out/<model>-<preset>)")
     e.add_argument("--eval-data", help="ImageFolder to measure the exported model's accuracy on")
@@ -241,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, help="optimisation steps (default: the method's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--options", help='method options as JSON, e.g. \'{"alpha1": 100}\'')
+    _device_args(s)
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--resume", action="store_true", help="continue the run saved in --output up to --iters")
     s.add_argument("--output", help="output folder (default out/synth-<model>-<method>)")

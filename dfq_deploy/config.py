@@ -158,6 +158,14 @@ BUNDLED_MODEL = "deit_tiny_cifar10"
 #: CPU runtimes. Input and output are FP32 either way.
 GRAPH_DTYPES = ("fp16", "fp32")
 
+#: ``--device`` choices besides ``cuda:N``: ``auto`` is CUDA when torch sees a GPU, else the CPU
+#: (:func:`dfq_deploy.device.resolve_device`).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+#: Synthesis compute precisions: ``fp32``, or ``bf16`` autocast for the synthesis forward/backward (ranges,
+#: corrections and parity are float32 whatever this says).
+SYNTH_PRECISIONS = ("fp32", "bf16")
+
 #: ``export --bits`` -> preset. 16 and 32 are float reference exports.
 EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16: "FP32"}
 

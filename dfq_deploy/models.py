@@ -35,6 +35,7 @@ ALIASES: dict[str, str] = {
     "deit_b": "deit_base_patch16_224",
     "vit_s": "vit_small_patch16_224",
     "vit_b": "vit_base_patch16_224",
+    "vit_l": "vit_large_patch16_224",
     "swin_t": "swin_tiny_patch4_window7_224",
     "swin_s": "swin_small_patch4_window7_224",
     "swin_b": "swin_base_patch4_window7_224",

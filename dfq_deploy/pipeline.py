@@ -24,7 +24,16 @@ from dfq_deploy.calib.qmodel import batches_loop, quantize
 from dfq_deploy.calib.reconstruct import reconstruct_
 from dfq_deploy.calib.reparam import reparam_layernorm_
 from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, load_synth_dir
-from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES, QuantConfig, preset_for_bits
+from dfq_deploy.config import (
+    DEFAULT_CALIB,
+    DEFAULT_SYNTH_ITERS,
+    DEVICE_CHOICES,
+    GRAPH_DTYPES,
+    SYNTH_PRECISIONS,
+    QuantConfig,
+    preset_for_bits,
+)
+from dfq_deploy.device import describe_device, resolve_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
@@ -70,6 +79,11 @@ class ExportOptions:
         reconstruct: block-wise reconstruction by Adam before the correction (:mod:`dfq_deploy.calib.reconstruct`).
         reconstruct_iters: Adam steps per block.
         plot: write ``correction.png`` (per-block error before/after) beside ``report.json``.
+        device: where the PyTorch stages run (synthesis, ranges, corrections, reconstruction, the PyTorch side
+            of parity): ``auto`` (CUDA when torch sees a GPU), ``cpu``, ``cuda`` or ``cuda:N``. ONNX export and
+            ONNX Runtime run on the CPU.
+        synth_precision: ``bf16`` autocast for the synthesis forward/backward, or ``fp32``; None: the method's
+            default (:data:`dfq_deploy.config.SYNTH_PRECISIONS`).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -92,6 +106,8 @@ class ExportOptions:
     reconstruct: bool = False
     reconstruct_iters: int = 100
     plot: bool = False
+    device: str = DEVICE_CHOICES[0]
+    synth_precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.config is None:
@@ -115,6 +131,8 @@ class ExportOptions:
             raise DfqError(f"--correct {self.correct} is unknown: use one of {', '.join(MODES)}")
         if self.reconstruct_iters < 1:
             raise DfqError(f"reconstruct_iters={self.reconstruct_iters}: need at least 1")
+        if self.synth_precision is not None and self.synth_precision not in SYNTH_PRECISIONS:
+            raise DfqError(f"--synth-dtype {self.synth_precision} is unknown: use one of {', '.join(SYNTH_PRECISIONS)}")
 
 
 def _versions() -> dict[str, str]:
@@ -148,6 +166,7 @@ def check_inputs(opts: ExportOptions) -> None:
     from dfq_deploy.data import ImageFolder
 
     opts.model.timm_name  # noqa: B018 - raises on an unknown model name
+    resolve_device(opts.device)  # --device cuda without a GPU fails here, not after the synthesis
     if opts.model.checkpoint is not None:
         require_checkpoint_file(opts.model.checkpoint)
     if opts.calib_from is not None:
@@ -215,9 +234,11 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    model = create_model(opts.model)
+    device = resolve_device(opts.device)
+    model = create_model(opts.model).to(device)  # every PyTorch stage runs where the model is
     dcfg = data_config(model)
     timings["model_s"] = time.perf_counter() - t
+    logger.info("PyTorch stages on %s", device)
 
     # Calibration set (a saved synth run, or a source run now), plus held-back inputs for parity: from the same
     # source with another seed when that is cheap (noise, real), Gaussian noise otherwise. A float export
@@ -232,6 +253,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             options["progress"] = opts.progress
             if opts.synth_iters is not None:
                 options["iterations"] = opts.synth_iters
+            if opts.synth_precision is not None:
+                options["precision"] = opts.synth_precision
         calib = get_source(source)(model, CalibRequest(opts.num_samples, opts.seed, dcfg, opts.calib_dir, options))
     held_source = source if source in CHEAP_SOURCES and opts.calib_from is None else "noise"
     held = get_source(held_source)(
@@ -276,6 +299,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             "size_bytes": onnx_path.stat().st_size,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "versions": _versions(),
+            "device": describe_device(device),
             "timings": timings,
         }
         if opts.eval_data is not None:

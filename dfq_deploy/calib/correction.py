@@ -56,6 +56,7 @@ from torch import nn
 
 from dfq_deploy.calib.fold import LinearCorrection, attach_correction_, fold_corrections_, fold_linear_
 from dfq_deploy.calib.qmodel import QuantLinear, quant_disabled, transformer_blocks
+from dfq_deploy.device import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ class _StopForwardError(Exception):
 
 
 # --- running parts of a model ------------------------------------------------------------------------------
-def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(images: torch.Tensor, batch_size: int, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Mini-batches of ``images`` (CPU calibration sets), moved to ``device`` (the model's) one at a time."""
     for i in range(0, len(images), batch_size):
-        yield images[i : i + batch_size]
+        yield images[i : i + batch_size].to(device) if device is not None else images[i : i + batch_size]
 
 
 @contextlib.contextmanager
@@ -115,7 +117,7 @@ def _run_capture(run: nn.Module, x: torch.Tensor, target: nn.Module) -> torch.Te
 @torch.no_grad()
 def block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Inputs of ``block`` for ``images`` (the model is run only up to the block)."""
-    return torch.cat([_run_capture(model, x, block) for x in _batches(images, batch_size)])
+    return torch.cat([_run_capture(model, x, block) for x in _batches(images, batch_size, model_device(model))])
 
 
 def check_separate(model: nn.Module, fp_model: nn.Module) -> None:
@@ -154,13 +156,13 @@ class _LayerData:
 
     def __init__(self, a: torch.Tensor, x: torch.Tensor, image: torch.Tensor, prefix: torch.Tensor) -> None:
         self.a, self.x, self.image, self.prefix = a, x, image, prefix
-        self.weight = torch.ones(len(a), dtype=torch.float64)
+        self.weight = torch.ones(len(a), dtype=torch.float64, device=a.device)
 
     def reweight_(self, prefix_share: float | None) -> _LayerData:
         """Give the prefix (class) tokens together ``prefix_share`` of the fitting weight (None: uniform)."""
         n_pre = int(self.prefix.sum())
         if prefix_share is None or n_pre == 0 or n_pre == len(self.prefix):
-            self.weight = torch.ones(len(self.a), dtype=torch.float64)
+            self.weight = torch.ones(len(self.a), dtype=torch.float64, device=self.a.device)
         else:
             share = min(max(prefix_share, 0.0), 1.0)
             self.weight = torch.where(self.prefix, share / n_pre, (1 - share) / (len(self.prefix) - n_pre)).double()
@@ -190,13 +192,13 @@ def _collect_layer(
         n_b = min(batch_size, len(xq) - start)
         a, x = a.reshape(n_b, -1, a.shape[-1]), x.reshape(n_b, -1, x.shape[-1])
         seq = a.shape[1]
-        ids = torch.arange(start, start + n_b)[:, None].expand(n_b, seq).reshape(-1)
-        prefix = (torch.arange(seq) < n_prefix)[None].expand(n_b, seq).reshape(-1)
+        ids = torch.arange(start, start + n_b, device=a.device)[:, None].expand(n_b, seq).reshape(-1)
+        prefix = (torch.arange(seq, device=a.device) < n_prefix)[None].expand(n_b, seq).reshape(-1)
         a, x = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
         if rate is None:
             rate = min(1.0, max_tokens / (seq * len(xq)))
         if rate < 1.0:
-            keep = (torch.rand(a.shape[0], generator=gen) < rate) | prefix
+            keep = (torch.rand(a.shape[0], generator=gen).to(a.device) < rate) | prefix  # drawn on the CPU
             a, x, ids, prefix = a[keep], x[keep], ids[keep], prefix[keep]
         parts.append((a.float(), x.float(), ids, prefix))
     a, x, ids, prefix = (torch.cat(t) for t in zip(*parts, strict=True))
@@ -222,7 +224,7 @@ def _ridge(moments: tuple[torch.Tensor, ...], alpha: float) -> tuple[torch.Tenso
     """``(M, c)`` of the ridge fit ``x ~ M a + c`` shrunk towards ``M = I``; ``alpha = inf`` gives ``I``."""
     ma, mx, caa, cax = moments
     d = caa.shape[0]
-    eye = torch.eye(d, dtype=caa.dtype)
+    eye = torch.eye(d, dtype=caa.dtype, device=caa.device)
     if math.isinf(alpha):
         m = eye
     else:
@@ -251,8 +253,8 @@ def _fit_input_map(
         mom = _moments(data.a[fit], data.x[fit], data.weight[fit])
         av, xv, wv = data.a[val], data.x[val], data.weight[val]
         d = weight.shape[1]
-        none_err = _output_err(av, xv, wv, torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
-                               weight)
+        eye = torch.eye(d, dtype=torch.float64, device=av.device)
+        none_err = _output_err(av, xv, wv, eye, torch.zeros(d, dtype=torch.float64, device=av.device), weight)
         errs = {a_: _output_err(av, xv, wv, *_ridge(mom, a_), weight) for a_ in (*alphas, math.inf)}
         alpha = min(errs, key=lambda k: errs[k])
         info["val_err_uncorrected"] = none_err
@@ -453,7 +455,7 @@ def block_errors(model: nn.Module, fp_model: nn.Module, images: torch.Tensor, ba
                for i, b in enumerate(blocks)]
     try:
         with eval_mode(model, fp_model):
-            for x in _batches(images, batch_size):
+            for x in _batches(images, batch_size, model_device(model)):
                 outs.clear()
                 lq = model(x)
                 with quant_disabled(fp_model):

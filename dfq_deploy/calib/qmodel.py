@@ -26,6 +26,7 @@ from torch import nn
 
 from dfq_deploy.calib.quantizers import ActQuantizer, WeightQuantizer
 from dfq_deploy.config import QuantConfig
+from dfq_deploy.device import exact_float32, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -298,11 +299,12 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: ForwardLoop | 
 
 
 def batches_loop(images: torch.Tensor, batch_size: int = 32) -> ForwardLoop:
-    """A forward loop over an in-memory tensor of images."""
+    """A forward loop over an in-memory tensor of images, fed to the model's device in exact float32."""
 
     def loop(model: nn.Module) -> None:
-        with torch.no_grad():
+        dev = model_device(model)
+        with torch.no_grad(), exact_float32():
             for i in range(0, len(images), batch_size):
-                model(images[i : i + batch_size])
+                model(images[i : i + batch_size].to(dev))
 
     return loop

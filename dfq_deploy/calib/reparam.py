@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from dfq_deploy.calib.qmodel import QuantLinear, quant_disabled, transformer_blocks
+from dfq_deploy.device import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def reparam_layernorm_(
     model.eval()
     try:
         with quant_disabled(model):
+            dev = model_device(model)
             for x in _batches(images, batch_size):
-                model(x)
+                model(x.to(dev))
     finally:
         for h in handles:
             h.remove()

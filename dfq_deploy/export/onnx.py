@@ -22,6 +22,7 @@ Stages, top to bottom:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from torch import nn
 
 from dfq_deploy.calib.qmodel import QuantLinear, attention_modules, quant_disabled, quant_linears
 from dfq_deploy.calib.quantizers import ActQuantizer
+from dfq_deploy.device import model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.utils import atomic_write_bytes
 
@@ -275,6 +277,8 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     if dtype not in GRAPH_DTYPES:
         raise DfqError(f"graph dtype '{dtype}' is unknown: use one of {', '.join(GRAPH_DTYPES)}")
     data_cfg = dict(data_config(model) if data_cfg is None else data_cfg)
+    if model_device(model).type != "cpu":  # the exporter traces on the CPU; a copy leaves the model where it is
+        model = copy.deepcopy(model).cpu()
     proto = export_float_onnx(model, tuple(input_size or data_cfg["input_size"]))
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         insert_qdq(proto, model)

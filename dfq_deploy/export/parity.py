@@ -56,6 +56,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from dfq_deploy.calib.qmodel import attention_modules, quant_linears
+from dfq_deploy.device import exact_float32, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.fp16 import graph_dtype
 from dfq_deploy.export.onnx import pv_output_quantizer
@@ -111,8 +112,12 @@ def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 64
 
 @torch.no_grad()
 def run_torch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """``model``'s logits of (CPU) ``images``, run on the model's device in exact float32 (no TF32)."""
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+    dev = model_device(model)
+    with exact_float32():
+        return torch.cat([model(images[i : i + batch_size].to(dev)).cpu()
+                          for i in range(0, len(images), batch_size)]).numpy()
 
 
 def parity_probes(calib: torch.Tensor, n: int = NUM_PROBES, seed: int = 0) -> torch.Tensor:
@@ -193,7 +198,7 @@ def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray, scale
     if dtype == torch.float16:  # the integer weights are fixed in the graph: only the arithmetic runs in FP16
         for _, lin in quant_linears(other):
             if lin.weight_quantizer is not None and lin.weight_quantizer.enabled:
-                lin.weight.data = torch.from_numpy(_dequantized_weight(lin, np.float16))
+                lin.weight.data = torch.from_numpy(_dequantized_weight(lin, np.float16)).to(lin.weight.device)
                 lin.weight_quantizer.enabled = False
     got = run_torch(other.to(dtype), images.to(dtype)).astype(np.float64)
     err = np.abs(got - ref.astype(np.float64)).max(-1) / (_logit_scale(ref) if scale is None else scale)
@@ -284,8 +289,8 @@ def _enabled_act_quantizers(model: nn.Module) -> list[Any]:
 def _dequantized_weight(lin: nn.Module, scale_dtype: type) -> np.ndarray:
     """The model's integer weight times its scales rounded to ``scale_dtype``, in float32 ``[out, in]``."""
     wq, w = lin.weight_quantizer, lin.weight.detach().float()
-    scale = torch.from_numpy(wq.full_scale(w).numpy().astype(scale_dtype).astype(np.float32))
-    return (wq._grouped(wq.integers(w)) * scale).reshape(w.shape).numpy()
+    scale = torch.from_numpy(wq.full_scale(w).cpu().numpy().astype(scale_dtype).astype(np.float32))
+    return (wq._grouped(wq.integers(w)).cpu() * scale).reshape(w.shape).numpy()
 
 
 def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:

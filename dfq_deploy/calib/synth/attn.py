@@ -141,7 +141,7 @@ def probe_attention(model: nn.Module, input_size: tuple[int, int, int]) -> tuple
             "data-free synthesis needs a timm ViT, DeiT or Swin model"
         )
     with AttentionTaps(model, probs=True) as taps:
-        logits = model(torch.zeros(1, *input_size))
+        logits = model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
         shapes = [taps.prob(i).shape for i in range(len(mods))]
     if logits.ndim != 2:
         raise DfqError(f"model returns logits of shape {tuple(logits.shape)}: need (batch, classes)")

@@ -200,7 +200,7 @@ class QuantStudent:
     def load_scales(self, scales: torch.Tensor) -> None:
         """Set the activation scales saved by :meth:`calibrate`."""
         for q, s in zip(self.quantizers, scales, strict=True):
-            q.scale = s.clone()
+            q.scale = s.to(q.scale.device, copy=True)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -358,8 +358,8 @@ class Dfqvit(SynthMethod):
         o = self.opts
         logits = self.model(views)
         if stage.name == "global":
-            return {"ce": soft_cross_entropy(logits, self.state["easy_targets"][idx]).mean()}
-        ce = soft_cross_entropy(logits, self.state["detail_targets"][idx])
+            return {"ce": soft_cross_entropy(logits, self.on_device("easy_targets")[idx]).mean()}
+        ce = soft_cross_entropy(logits, self.on_device("detail_targets")[idx])
         if "weights" in ctx:
             ce = ce * ctx["weights"][idx]
         terms = {"ce": ce.mean()}

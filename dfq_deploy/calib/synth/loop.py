@@ -44,6 +44,15 @@ from torch import nn
 
 from dfq_deploy.calib.synth.attn import AttnBlock, is_swin, probe_attention
 from dfq_deploy.calib.synth.base import CalibRequest, CalibSet, register_synthesizer
+from dfq_deploy.config import SYNTH_PRECISIONS
+from dfq_deploy.device import (
+    describe_device,
+    model_device,
+    peak_memory_bytes,
+    peak_memory_reset,
+    resolve_device,
+    synthesis_numerics,
+)
 from dfq_deploy.errors import DfqError
 from dfq_deploy.registry import Registry
 from dfq_deploy.utils import atomic_write_bytes
@@ -80,12 +89,16 @@ class SynthOptions:
         tv_weight: weight of the total-variation prior.
         jitter: maximum ``torch.roll`` offset in pixels; None: ``max(1, H // 16)`` (14 px at 224, 2 px at 32).
         flip: random horizontal flips.
-        batch_size: images per forward/backward pass (memory bound); None: all images at once.
+        batch_size: images per forward/backward pass (memory bound); None: all images at once. Chunks are
+            exact: every loss is a mean over images, so the chunks' gradients add up to the full batch's.
+        precision: ``fp32``, or ``bf16`` autocast for the forward/backward passes (on the CPU and CUDA alike;
+            :func:`dfq_deploy.device.synthesis_numerics`). The images, the optimizer and the checkpoints stay
+            float32.
     """
 
     #: For fields added after checkpoints were first written: the value that reproduces those older runs. A
     #: checkpoint without the field is read as having it (so resuming one asks for that value explicitly).
-    replay_defaults: ClassVar[dict[str, Any]] = {}
+    replay_defaults: ClassVar[dict[str, Any]] = {"precision": "fp32"}
 
     num_samples: int = 32
     seed: int = 0
@@ -97,6 +110,7 @@ class SynthOptions:
     jitter: int | None = None
     flip: bool = True
     batch_size: int | None = None
+    precision: str = SYNTH_PRECISIONS[0]
 
     def __post_init__(self) -> None:
         check_option(self.num_samples >= 1, f"num_samples={self.num_samples}: need at least 1 image")
@@ -110,6 +124,8 @@ class SynthOptions:
         check_option(self.tv_weight >= 0, f"tv_weight={self.tv_weight} must be >= 0")
         check_option(self.jitter is None or self.jitter >= 0, f"jitter={self.jitter} must be >= 0 pixels")
         check_option(self.batch_size is None or self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        check_option(self.precision in SYNTH_PRECISIONS,
+                     f"precision={self.precision!r}: use one of {', '.join(SYNTH_PRECISIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists; non-serialisable fields are left out)."""
@@ -291,7 +307,24 @@ class SynthMethod:
         self.blocks, self.num_classes = probe_attention(model, self.input_size)
         self.swin = is_swin(self.blocks)
         self.state: dict[str, torch.Tensor] = {}
+        self.device = model_device(model)
+        self._on_device: dict[str, tuple[int, torch.Tensor]] = {}
         self.opts = self.resolve_options(opts)
+
+    def on_device(self, key: str) -> torch.Tensor:
+        """``self.state[key]`` on the model's device (copied once while the entry stays the same tensor).
+
+        The state itself stays where it was drawn (the CPU, by the CPU generators), so the random draws, and the
+        checkpoints, are the same on every device.
+        """
+        t = self.state[key]
+        if t.device == self.device:
+            return t
+        cached = self._on_device.get(key)
+        if cached is None or cached[0] != id(t):
+            cached = (id(t), t.to(self.device))
+            self._on_device[key] = cached
+        return cached[1]
 
     # -- configuration
     def resolve_options(self, opts: SynthOptions) -> SynthOptions:
@@ -456,6 +489,8 @@ class SynthResult:
         seconds: wall time of this call's iterations.
         iterations_run: iterations run by this call (fewer than ``iteration`` after a resume).
         fingerprint: :func:`model_fingerprint` of the model.
+        device: where it ran (:func:`dfq_deploy.device.describe_device`).
+        peak_memory_bytes: peak memory torch allocated on a CUDA device during the run (None on the CPU).
     """
 
     images: torch.Tensor
@@ -469,6 +504,8 @@ class SynthResult:
     seconds: float = 0.0
     iterations_run: int = 0
     fingerprint: str = ""
+    device: dict[str, Any] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
 
     @property
     def seconds_per_iteration(self) -> float | None:
@@ -496,8 +533,13 @@ def synthesize(
     checkpoint_every: int = 200,
     progress: bool = True,
     stop_after: int | None = None,
+    device: str | torch.device | None = None,
 ) -> SynthResult:
     """Synthesise calibration images with a registered method.
+
+    The work runs on the model's device, or on ``device`` (the model is moved there and back). Random draws
+    are made on the CPU, so a seed gives the same starting images and targets on every device; the result
+    and the checkpoints are CPU tensors.
 
     Args:
         model: full-precision timm ViT/DeiT/Swin (its mode, fused-attention flags and ``requires_grad`` flags
@@ -511,6 +553,7 @@ def synthesize(
         progress: show a tqdm progress bar on stderr.
         stop_after: run at most this many iterations in this call, then checkpoint and return an incomplete
             result (for time-sliced jobs; resume later to finish).
+        device: ``auto``, ``cpu``, ``cuda[:N]`` or a ``torch.device``; None: where the model is.
 
     Raises:
         DfqError: bad options, unsuitable model, checkpoint mismatch, or a NaN/inf loss term.
@@ -522,9 +565,17 @@ def synthesize(
     if stop_after is not None and stop_after < 0:
         raise DfqError(f"stop_after={stop_after} must be >= 0")
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    with synthesis_mode(model):
-        m = cls(model, data_cfg, opts)
-        return _run(m, ckpt_path, resume, checkpoint_every, progress, stop_after)
+    home = model_device(model)
+    target = home if device is None else resolve_device(device)
+    if target != home:
+        model.to(target)
+    try:
+        with synthesis_mode(model):
+            m = cls(model, data_cfg, opts)
+            return _run(m, ckpt_path, resume, checkpoint_every, progress, stop_after)
+    finally:
+        if target != home:
+            model.to(home)
 
 
 def _run(
@@ -554,13 +605,14 @@ def _run(
             _check_resumable(ckpt, m, fingerprint, ckpt_path)
         else:
             logger.warning("no checkpoint at %s: starting from iteration 0", ckpt_path)
+    device = m.device
     if ckpt is None:
-        params = m.init_params(gen_init)
+        params = m.init_params(gen_init).to(device)  # drawn on the CPU: the same images on every device
         m.init_state(gen_init)
         gen_step.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen_init)))
         start = 0
     else:
-        params = ckpt["params"].clone()
+        params = ckpt["params"].to(device, copy=True)
         m.state = {k: v.clone() for k, v in ckpt["state"].items()}
         gen_init.set_state(ckpt["rng"]["init"])
         gen_step.set_state(ckpt["rng"]["step"])
@@ -570,9 +622,9 @@ def _run(
     params.requires_grad_(True)
     optimizer = _adam(params, opts)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
 
-    lo, hi = valid_range(m.data_cfg)
+    lo, hi = (t.to(device) for t in valid_range(m.data_cfg))
     last_saved = start if ckpt is not None else None
 
     def save(it_done: int) -> None:
@@ -588,9 +640,9 @@ def _run(
                 "options": opts.to_dict(),
                 "iteration": it_done,
                 "total": total,
-                "params": params.detach().clone(),
-                "optimizer": optimizer.state_dict(),
-                "state": {k: v.clone() for k, v in m.state.items()},
+                "params": params.detach().cpu().clone(),  # checkpoints are CPU tensors: resumable anywhere
+                "optimizer": _to_cpu(optimizer.state_dict()),
+                "state": {k: v.detach().cpu().clone() for k, v in m.state.items()},
                 "history": history,
                 "rng": {"init": gen_init.get_state(), "step": gen_step.get_state()},
                 "model_fingerprint": fingerprint,
@@ -602,6 +654,8 @@ def _run(
 
     it = start
     ran = 0
+    chunk = opts.batch_size  # images per forward/backward pass (None: all); halved on CUDA out-of-memory
+    peak_memory_reset(device)
     t_start = time.perf_counter()
     bar = tqdm(total=total, initial=start, disable=not progress, desc=f"synth {name}", unit="it", dynamic_ncols=True)
     try:
@@ -619,22 +673,35 @@ def _run(
                 shift, flip = _draw_augmentation(gen_step, opts)
                 ctx = m.step_context(it, stage, params, gen_step)
                 ctx["augment"] = (shift, flip)
-                optimizer.zero_grad(set_to_none=True)
-                sums: dict[str, float] = {}
-                for idx in _chunks(n, opts.batch_size):
-                    frac = (idx.stop - idx.start) / n
-                    clean = m.render(params[idx], stage)
-                    views = _augment(clean, shift, flip)
-                    terms = m.losses(clean, views, idx, it, stage, ctx)
-                    w_tv = m.tv_weight(stage)
-                    if w_tv:
-                        terms["tv"] = w_tv * total_variation(clean)
-                    values = {k: float(v.detach()) for k, v in terms.items()}
-                    _check_finite(values, name, it, ckpt_path, last_saved)
-                    (sum(terms.values()) * frac).backward()  # type: ignore[union-attr]
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v * frac
-                    m.end_chunk()
+                while True:  # one step; on CUDA out-of-memory, again in half-size chunks (chunks are exact)
+                    optimizer.zero_grad(set_to_none=True)
+                    sums: dict[str, float] = {}
+                    try:
+                        for idx in _chunks(n, chunk):
+                            frac = (idx.stop - idx.start) / n
+                            with synthesis_numerics(device, opts.precision):
+                                clean = m.render(params[idx], stage)
+                                views = _augment(clean, shift, flip)
+                                terms = m.losses(clean, views, idx, it, stage, ctx)
+                                w_tv = m.tv_weight(stage)
+                                if w_tv:
+                                    terms["tv"] = w_tv * total_variation(clean)
+                            values = {k: float(v.detach()) for k, v in terms.items()}
+                            _check_finite(values, name, it, ckpt_path, last_saved)
+                            (sum(terms.values()) * frac).backward()  # type: ignore[union-attr]
+                            for k, v in values.items():
+                                sums[k] = sums.get(k, 0.0) + v * frac
+                            m.end_chunk()
+                        break
+                    except torch.OutOfMemoryError:
+                        m.end_chunk()
+                        terms = values = {}  # drop the graph before retrying
+                        if device.type != "cuda" or (chunk or n) <= 1:
+                            raise
+                        chunk = max(1, (chunk or n) // 2)
+                        torch.cuda.empty_cache()
+                        logger.warning("%s: out of GPU memory at iteration %d: %d images a pass from now on "
+                                       "(set the option batch_size=%d to start there)", name, it + 1, chunk, chunk)
                 if params.grad is not None and not torch.isfinite(params.grad).all():
                     _check_finite({"gradient": float("nan")}, name, it, ckpt_path, last_saved)
                 optimizer.step()
@@ -660,12 +727,12 @@ def _run(
         save(it)  # stopped early by stop_after
     seconds = time.perf_counter() - t_start
     with torch.no_grad():
-        images = m.render(params.detach(), stage_at(stages, max(it - 1, 0))).float().clone()
+        images = m.render(params.detach(), stage_at(stages, max(it - 1, 0))).float().cpu().clone()
     if it == total:
         logger.info("%s: %d images after %d iterations (%.2f s/it)", name, n, it, seconds / max(ran, 1))
     return SynthResult(
         images=images,
-        targets=m.targets().float().clone(),
+        targets=m.targets().float().cpu().clone(),
         history=history,
         iteration=it,
         complete=it == total,
@@ -675,7 +742,20 @@ def _run(
         seconds=seconds,
         iterations_run=ran,
         fingerprint=fingerprint,
+        device={**describe_device(device), "images_per_pass": chunk or n},
+        peak_memory_bytes=peak_memory_bytes(device),
     )
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (an optimizer state dict: dicts, lists, tensors) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _adam(params: torch.Tensor, opts: SynthOptions) -> torch.optim.Adam:

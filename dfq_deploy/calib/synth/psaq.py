@@ -118,10 +118,10 @@ def kde_differential_entropy(samples: torch.Tensor, points: int = 32, bandwidth:
         if bandwidth is None:
             h = (1.06 * samples.std(dim=1) * m ** (-0.2)).clamp_min(1e-3)
         else:
-            h = torch.full((samples.shape[0],), float(bandwidth))
+            h = torch.full((samples.shape[0],), float(bandwidth), device=samples.device)
         lo = samples.min(dim=1).values - 3 * h
         hi = samples.max(dim=1).values + 3 * h
-        t = torch.linspace(0.0, 1.0, points, dtype=samples.dtype)
+        t = torch.linspace(0.0, 1.0, points, dtype=samples.dtype, device=samples.device)
         grid = lo[:, None] + (hi - lo)[:, None] * t[None, :]  # [batch, points]
     # Scale the small tensors by 1/h before the [batch, points, m] broadcast (one big division fewer).
     z = (grid / h[:, None])[:, :, None] - (samples / h[:, None])[:, None, :]
@@ -144,15 +144,16 @@ def patch_similarity_entropy(
     ``rows`` selects the images (and, for Swin, their windows) of a larger forward batch; by default the
     first ``batch`` images.
     """
-    total = torch.zeros(batch)
+    total: torch.Tensor | None = None  # the first term as is: exactly zeros + term, on the taps' device
     for block, subset in zip(blocks, subsets, strict=True):
         out = taps.output(block.index)
         rows_per_image = block.windows
         start = 0 if rows is None else rows.start
         out = out[start * rows_per_image : (start + batch) * rows_per_image]
         sims = patch_similarities(out, block, batch, subset)
-        total = total + kde_differential_entropy(sims, points, bandwidth)
-    return total
+        ent = kde_differential_entropy(sims, points, bandwidth)
+        total = ent if total is None else total + ent
+    return torch.zeros(batch) if total is None else total
 
 
 # --- the method ---------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Psaq(SynthMethod):
     ) -> dict[str, torch.Tensor]:
         o = self.opts
         logits = self.model(views)
-        ce = F.cross_entropy(logits, self.state["labels"][idx])
+        ce = F.cross_entropy(logits, self.on_device("labels")[idx])
         ent = patch_similarity_entropy(
             self._taps, self.blocks, views.shape[0], ctx["pairs"], o.kde_points, o.kde_bandwidth
         )

@@ -164,6 +164,8 @@ def write_outputs(out: Path, res: SynthResult, data_cfg: dict[str, Any], model_i
             "seconds_this_call": round(res.seconds, 3),
             "iterations_this_call": res.iterations_run,
             "seconds_per_iteration": res.seconds_per_iteration,
+            "device": res.device,
+            "peak_memory_bytes": res.peak_memory_bytes,
         },
         "versions": {"dfq_deploy": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "files": {"images": IMAGES_FILE, "loss": LOSS_FILE, "contact_sheet": SHEET_FILE, "checkpoint": CHECKPOINT_FILE},
@@ -331,7 +333,7 @@ def _check_matches(d: Path, images: torch.Tensor, saved: dict[str, Any], data_cf
 
 
 def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32, iters: int | None = None,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, device: str = "auto") -> Path:
     """The export's default data-free calibration set of a model, saved (resumably) for ``--calib-from``.
 
     Builds ``spec`` (a :class:`dfq_deploy.models.ModelSpec`) after seeding 0, as ``export`` does, and runs
@@ -343,12 +345,14 @@ def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32,
         num_samples: images.
         iters: iterations (default :data:`dfq_deploy.config.DEFAULT_SYNTH_ITERS`).
         progress: show the progress bar.
+        device: where to synthesise (``auto``: CUDA when torch sees a GPU).
     """
     from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+    from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
 
     torch.manual_seed(0)  # random-weight models: the same weights as the export job builds
-    model = create_model(spec)
+    model = create_model(spec).to(resolve_device(device))
     run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=num_samples,
                   iters=iters or DEFAULT_SYNTH_ITERS, output_dir=output_dir, seed=0, resume=True, progress=progress,
                   model_info=spec.to_dict())

@@ -111,7 +111,7 @@ class SpdfqOptions(SynthOptions):
         boost: range ``(lo, hi)`` of the logits that mark an image's classes in the soft targets.
     """
 
-    replay_defaults: ClassVar[dict[str, Any]] = {"crops_per_step": 0}  # runs saved before the option existed
+    replay_defaults: ClassVar[dict[str, Any]] = {**SynthOptions.replay_defaults, "crops_per_step": 0}  # older runs
 
     iterations: int = 500
     alpha1: float | None = None
@@ -383,24 +383,28 @@ class Spdfq(SynthMethod):
             batch.append(crops)
         logits = self.model(torch.cat(batch))
         terms = {"apa": self.opts.alpha1 * self.apa_loss(idx, b, flipped=ctx["augment"][1])}  # type: ignore[operator]
-        terms["sl"] = soft_cross_entropy(logits[:b], self.state["targets"][idx]).mean()
+        terms["sl"] = soft_cross_entropy(logits[:b], self.on_device("targets")[idx]).mean()
         if self.opts.msr:
-            crop_t = self.state["crop_targets"][idx][owner, slot]
+            dev = logits.device
+            owner, slot = owner.to(dev), slot.to(dev)
+            crop_t = self.on_device("crop_targets")[idx][owner, slot]
             per_crop = soft_cross_entropy(logits[b:], crop_t)
-            per_image = torch.zeros(b).index_add(0, owner, per_crop) / ctx["select"][idx].sum(dim=1).float()
+            count = ctx["select"][idx].sum(dim=1).to(dev, per_crop.dtype)
+            per_image = torch.zeros(b, device=dev, dtype=per_crop.dtype).index_add(0, owner, per_crop) / count
             terms["msr"] = per_image.mean()
         return terms
 
     def apa_loss(self, idx: slice, batch: int, flipped: bool = False) -> torch.Tensor:
         """Mean over images of ``sum_l (l / L) * MSE(attention, prior)`` for the last forward pass."""
-        per_image = torch.zeros(batch)
+        per_image: torch.Tensor | None = None  # the first term as is: exactly zeros + term, on the taps' device
         for block, weight in apa_blocks(self.blocks):
             a = attention_to_align(self._taps.prob(block.index), block, batch)
-            prior = self.state[f"prior.{block.index}"][idx]
+            prior = self.on_device(f"prior.{block.index}")[idx]
             if flipped:
                 prior = flip_prior(prior, block)
-            per_image = per_image + weight * (a - prior).pow(2).flatten(1).mean(dim=1)
-        return per_image.mean()
+            term = weight * (a - prior).pow(2).flatten(1).mean(dim=1)
+            per_image = term if per_image is None else per_image + term
+        return torch.zeros(()) if per_image is None else per_image.mean()
 
     def end_chunk(self) -> None:
         self._taps.clear()
