@@ -40,15 +40,16 @@ import numpy as np
 import torch
 
 import dfq_deploy
+from dfq_deploy.calib.recipe import quantize_
 from dfq_deploy.calib.synth import METHODS, SYNTHESIZERS, CalibRequest
 from dfq_deploy.calib.synth.loop import SYNTH_REVISION, model_fingerprint, save_checkpoint
-from dfq_deploy.config import GRAPH_DTYPES, QuantConfig, preset
+from dfq_deploy.config import CORRECTION_MODES, DEVICE_CHOICES, GRAPH_DTYPES, CorrectionConfig, QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
+from dfq_deploy.device import resolve_device
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
-from dfq_deploy.pipeline import quantize_and_correct
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("bench.accuracy")
@@ -73,11 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
     p.add_argument("--dtype", default=GRAPH_DTYPES[0], choices=GRAPH_DTYPES,
                    help="compute type of the deployable graphs (default: what dfq-deploy export writes)")
-    p.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
+    p.add_argument("--correct", default=CorrectionConfig.mode, choices=CORRECTION_MODES,
                    help="closed-form correction, as in dfq-deploy export (default diag)")
     p.add_argument("--reparam", action="store_true", help="fold per-channel LayerNorm scales (RepQ-ViT) first")
     p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before the correction")
-    p.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction Adam steps per block")
+    p.add_argument("--reconstruct-iters", type=int, default=CorrectionConfig.reconstruct_iters,
+                   help="reconstruction Adam steps per block")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. -corrections)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--num-samples", type=int, default=32)
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="two cells, a few images (harness test)")
     p.add_argument("--output", default=str(ROOT / "results"))
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all cores)")
+    p.add_argument("--device", default=DEVICE_CHOICES[0],
+                   help="where synthesis, calibration and corrections run: auto, cpu, cuda or cuda:N")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "dfq_deploy" / "accuracy"),
                    help="folder of finished cells and calibration sets (resume)")
     p.add_argument("--fresh", action="store_true", help="recompute every cell")
@@ -203,7 +207,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     spec = ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
     base = create_model(spec)
     dcfg = data_config(base)
-    cache = CellCache(args, spec, base)
+    cache = CellCache(args, spec, base)  # keyed on the weights, before they move: the same cache on any device
+    base.to(resolve_device(args.device))  # the PyTorch stages run there; ONNX Runtime on the CPU
     logger.warning("cells are saved in %s", cache.root)
     x_eval, y_eval = load_images(args.data, dcfg, limit=args.limit, seed=0)
     y_eval = y_eval.numpy()
@@ -261,9 +266,9 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
     model = copy.deepcopy(base)
     t = time.perf_counter()
     stages: dict[str, float] = {}
-    corr = quantize_and_correct(model, cfg, calib_images, held, correct=args.correct, seed=seed,
-                                reparam=args.reparam, reconstruct=args.reconstruct,
-                                reconstruct_iters=args.reconstruct_iters, timings=stages)
+    correction = CorrectionConfig(mode=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
+                                  reconstruct_iters=args.reconstruct_iters)
+    corr = quantize_(model, cfg, calib_images, correction, held=held, seed=seed, timings=stages)
     cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
     if cfg.deployable:

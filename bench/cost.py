@@ -17,7 +17,7 @@ Three measurements, written to ``bench/results/cost-<model>.json`` (atomically) 
 2. **Peak memory of synthesis** (DeiT-T at 224 by default, random weights) for every method, each in a fresh
    subprocess of this script running ``--memory-iters`` iterations: peak RSS (``ru_maxrss``) and peak RSS minus
    the RSS after model creation.
-3. **Closed-form correction fitting vs synthesis.** ``quantize_and_correct`` (the code ``export`` runs) on the
+3. **Closed-form correction fitting vs synthesis.** ``quantize_`` (the code ``export`` runs) on the
    same model and sample count, W4A16 and W8A8, ``correct`` none/bias/diag/full, and ``diag`` with block-wise
    reconstruction; its stage timings are compared with each method's synthesis time, taken as the measured
    seconds/iteration x the method's default iteration count.
@@ -56,11 +56,11 @@ from torch import nn
 from dfq_deploy.bench.report import cpu_model
 from dfq_deploy.bench.synth_cost import StepTimer, drop_warmup, time_baseline
 from dfq_deploy.calib.correction import MODES
-from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, method_options, synthesize
+from dfq_deploy.calib.recipe import held_back_noise, quantize_
+from dfq_deploy.calib.synth import METHODS, method_options, synthesize
 from dfq_deploy.calib.synth.loop import Stage, get_method, synthesis_mode
-from dfq_deploy.config import preset
+from dfq_deploy.config import CorrectionConfig, preset
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
-from dfq_deploy.pipeline import quantize_and_correct
 from dfq_deploy.utils import atomic_write_json
 
 logger = logging.getLogger("bench.cost")
@@ -255,8 +255,8 @@ def measure_memory(vs: list[Variant], args: argparse.Namespace) -> dict[str, Any
 def measure_corrections(
     model: nn.Module, dcfg: dict[str, Any], calib: torch.Tensor, synth: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Time ``quantize_and_correct`` for every preset x correction mode (+ reconstruction) vs synthesis time."""
-    held = get_source("noise")(model, CalibRequest(len(calib), args.seed + 1_000_003, dcfg)).images
+    """Time ``quantize_`` for every preset x correction mode (+ reconstruction) vs synthesis time."""
+    held = held_back_noise(calib, args.seed)
     runs = []
     configs = [(p, mode, False) for p in CORRECTION_PRESETS for mode in MODES]
     configs += [(p, RECONSTRUCT_CORRECT, True) for p in CORRECTION_PRESETS]
@@ -264,8 +264,8 @@ def measure_corrections(
         m = copy.deepcopy(model)
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        rep = quantize_and_correct(m, preset(pname), calib, held, correct=mode, reconstruct=rec,
-                                   reconstruct_iters=args.reconstruct_iters, seed=args.seed, timings=timings)
+        rep = quantize_(m, preset(pname), calib, CorrectionConfig(mode=mode, reconstruct=rec,
+                        reconstruct_iters=args.reconstruct_iters), held=held, seed=args.seed, timings=timings)
         total = time.perf_counter() - t
         stages = dict(rep.get("timings", {}))
         fit_s = stages.get("fit_s", 0.0) + stages.get("fold_s", 0.0)

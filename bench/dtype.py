@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfq_deploy.bench.accuracy import onnx_data_config
 from dfq_deploy.calib.synth import synthesize_default
-from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES
+from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES, CalibrationConfig
 from dfq_deploy.data import default_cifar10, load_images
+from dfq_deploy.export.evaluate import onnx_data_config
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import parity_sets, run_session
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
@@ -69,7 +69,8 @@ def run_model(key: str, spec: ModelSpec, args: argparse.Namespace) -> dict[str, 
         for dtype in GRAPH_DTYPES:
             torch.manual_seed(0)
             report = export_model(ExportOptions(model=spec, bits=bits, dtype=dtype, output=work / f"{pname}-{dtype}",
-                                                calib_from=synth_dir, progress=False))
+                                                calibration=CalibrationConfig(calib_from=str(synth_dir)),
+                                                progress=False))
             path = Path(report["artifact"])
             assert onnx_data_config(path)["input_size"] == tuple(data_config(model)["input_size"])
             outs[dtype] = logits(path, x, args.threads)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from dfq_deploy.bench.latency import run_benchmark
-from dfq_deploy.config import preset
+from dfq_deploy.config import CalibrationConfig, preset
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec
 from dfq_deploy.pipeline import ExportOptions, export_model
 from dfq_deploy.utils import atomic_write_json
@@ -52,9 +52,9 @@ def main() -> None:
         for pname in SIZE_PRESETS:
             out = Path(args.workdir) / f"{name}-{pname}"
             t = time.perf_counter()
-            rep = export_model(ExportOptions(model=ModelSpec(name, random_weights=random), config=preset(pname),
+            rep = export_model(ExportOptions(model=ModelSpec(name, random_weights=random), quant=preset(pname),
                                              bits=32 if pname == "FP32" else 8, dtype="fp32", output=out,
-                                             calib="noise",
+                                             calibration=CalibrationConfig(source="noise"),
                                              parity_threshold=0.0 if random else 0.99, progress=False))
             paths[pname] = Path(rep["artifact"])
             result["exports"][pname] = {

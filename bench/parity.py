@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dfq_deploy.calib.synth import run_synthesis
+from dfq_deploy.config import CalibrationConfig
 from dfq_deploy.export.parity import parity_sets
 from dfq_deploy.models import BUNDLED_ARCH, BUNDLED_WEIGHTS, TINY_CONFIGS, ModelSpec, create_model, data_config
 from dfq_deploy.pipeline import ExportOptions, export_model
@@ -82,7 +83,8 @@ def main() -> None:
             for bits in (8, 4, 3):
                 t = time.perf_counter()
                 rep = export_model(ExportOptions(model=spec, bits=bits, output=Path(tmp) / f"e{seed}-{bits}",
-                                                 calib_from=synth, seed=seed, progress=False))
+                                                 calibration=CalibrationConfig(calib_from=str(synth)), seed=seed,
+                                                 progress=False))
                 rows.append(_row("user_case", f"bits {bits} seed {seed}", rep, time.perf_counter() - t))
         for family, (name, kwargs) in TINY_CONFIGS.items():
             fspec = ModelSpec(name, kwargs=kwargs, random_weights=True)
@@ -90,7 +92,8 @@ def main() -> None:
                 for seed in range(args.family_seeds):
                     t = time.perf_counter()
                     rep = export_model(ExportOptions(model=fspec, bits=bits, output=Path(tmp) / f"{family}-{bits}",
-                                                     calib="noise", seed=seed, progress=False))
+                                                     calibration=CalibrationConfig(source="noise"), seed=seed,
+                                                     progress=False))
                     rows.append(_row(family, f"bits {bits} seed {seed}", rep, time.perf_counter() - t))
     refused = [r for r in rows if not r["passed"]]
     result = {

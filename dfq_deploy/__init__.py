@@ -12,8 +12,12 @@ from typing import Any
 __version__ = "0.2.0"
 
 _API = {
+    "quantize_": "dfq_deploy.calib.recipe",
     "quantize": "dfq_deploy.calib.qmodel",
+    "batches_loop": "dfq_deploy.calib.qmodel",
     "QuantConfig": "dfq_deploy.config",
+    "CorrectionConfig": "dfq_deploy.config",
+    "CalibrationConfig": "dfq_deploy.config",
     "PRESETS": "dfq_deploy.config",
     "preset": "dfq_deploy.config",
     "W8A8": "dfq_deploy.config",

@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES
+from dfq_deploy.config import (
+    CORRECTION_MODES,
+    GRAPH_DTYPES,
+    PARITY_THRESHOLD,
+    CalibrationConfig,
+    CorrectionConfig,
+)
 from dfq_deploy.errors import DfqError
 from dfq_deploy.trt.plan import CALIBRATORS, DEFAULT_WORKSPACE_MB, PRECISIONS
 
@@ -59,14 +65,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     spec = _spec(args)
     label = cfg.name if cfg.w_bits is not None else {16: "FP16", 32: "FP32"}.get(args.bits, cfg.name)
     out = args.output or f"out/{spec.name}-{label}"
+    calibration = CalibrationConfig(source=args.calib, num_samples=args.num_samples, iterations=args.synth_iters,
+                                    precision=args.synth_dtype, calib_dir=args.calib_dir, calib_from=args.calib_from)
+    correction = CorrectionConfig(mode=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
+                                  reconstruct_iters=args.reconstruct_iters)
     report = export_model(ExportOptions(
-        model=spec, bits=args.bits, dtype=args.dtype, output=out, calib=args.calib, calib_dir=args.calib_dir,
-        num_samples=args.num_samples, synth_iters=args.synth_iters, seed=args.seed, config=cfg,
-        parity_threshold=args.parity_threshold,
-        eval_data=args.eval_data, eval_limit=args.eval_limit, progress=not args.quiet,
-        calib_from=args.calib_from, correct=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
-        reconstruct_iters=args.reconstruct_iters, plot=args.plot, device=args.device,
-        synth_precision=args.synth_dtype,
+        model=spec, bits=args.bits, quant=cfg, calibration=calibration, correction=correction, dtype=args.dtype,
+        output=out, seed=args.seed, parity_threshold=args.parity_threshold, eval_data=args.eval_data,
+        eval_limit=args.eval_limit, progress=not args.quiet, plot=args.plot, device=args.device,
     ))
     from dfq_deploy.export.parity import parity_sets
 
@@ -113,8 +119,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dfq_deploy.bench.accuracy import evaluate_onnx, evaluate_torch
     from dfq_deploy.data import ImageFolder
+    from dfq_deploy.export.evaluate import evaluate_onnx, evaluate_torch
 
     ImageFolder(args.data)  # a bad folder fails before the model is built
     if args.onnx:
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
 
+    cal, cor = CalibrationConfig(), CorrectionConfig()  # the defaults live in the configs
     e = sub.add_parser(
         "export", parents=[common], help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
     _model_args(e)
@@ -227,29 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default, fp32 for --bits 32; what TensorRT "
                         "builds) or fp32 (CPU runtimes); input and output stay float32")
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
-    e.add_argument("--calib", default=DEFAULT_CALIB,
-                   help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {DEFAULT_CALIB}, "
+    e.add_argument("--calib", default=cal.source,
+                   help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {cal.source}, "
                         "the benchmark's best), noise, or real (with --calib-dir)")
     e.add_argument("--calib-dir", help="ImageFolder for --calib real")
     e.add_argument("--calib-from", help="calibrate with a saved `dfq-deploy synth` output folder")
-    e.add_argument("--correct", default="diag", choices=["none", "bias", "diag", "full"],
-                   help="closed-form activation correction folded into the weights (default diag)")
+    e.add_argument("--correct", default=cor.mode, choices=CORRECTION_MODES,
+                   help=f"closed-form activation correction folded into the weights (default {cor.mode})")
     e.add_argument("--reparam", action="store_true",
                    help="fold per-channel LayerNorm output scales into the weights before calibration (W8A8)")
     e.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction (Adam) before correcting")
-    e.add_argument("--reconstruct-iters", type=int, default=100, help="reconstruction steps per block")
+    e.add_argument("--reconstruct-iters", type=int, default=cor.reconstruct_iters,
+                   help=f"reconstruction steps per block (default {cor.reconstruct_iters})")
     e.add_argument("--plot", action="store_true", help="write correction.png (per-block error before/after)")
-    e.add_argument("--num-samples", type=int, default=32, help="calibration images (default 32)")
-    e.add_argument("--synth-iters", type=int, default=DEFAULT_SYNTH_ITERS,
-                   help=f"synthesis iterations when --calib is a data-free method (default {DEFAULT_SYNTH_ITERS})")
+    e.add_argument("--num-samples", type=int, default=cal.num_samples,
+                   help=f"calibration images (default {cal.num_samples})")
+    e.add_argument("--synth-iters", type=int, default=cal.iterations,
+                   help=f"synthesis iterations when --calib is a data-free method (default {cal.iterations})")
     _device_args(e)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="output folder (default out/<model>-<preset>)")
     e.add_argument("--eval-data", help="ImageFolder to measure the exported model's accuracy on")
     e.add_argument("--eval-limit", type=int, help="evaluate a seeded subset of this many images")
-    e.add_argument("--parity-threshold", type=float, default=0.99,
+    e.add_argument("--parity-threshold", type=float, default=PARITY_THRESHOLD,
                    help="min fraction of parity inputs where ONNX Runtime matches PyTorch within rounding "
-                        "(default 0.99; 0 skips the check, to debug only)")
+                        f"(default {PARITY_THRESHOLD}; 0 skips the check, to debug only)")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from dfq_deploy.errors import DfqError
 
@@ -18,8 +18,40 @@ RangeMethod = Literal["minmax", "percentile", "mse"]
 _RANGES = ("minmax", "percentile", "mse")
 
 
+OptionsT = TypeVar("OptionsT", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Validated frozen settings that round-trip to JSON: ``with_``, ``to_dict``/``from_dict``, ``to_json``."""
+
+    #: How this kind of settings is named in errors.
+    what: ClassVar[str] = "settings"
+
+    def with_(self: OptionsT, **changes: Any) -> OptionsT:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls: type[OptionsT], data: dict[str, Any]) -> OptionsT:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise DfqError(f"unknown {cls.what} keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls: type[OptionsT], text: str) -> OptionsT:
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(JsonConfig):
     """How a model is quantized.
 
     Attributes:
@@ -53,6 +85,8 @@ class QuantConfig:
     attn_log2: bool = False
     head_w_bits: int | None = None
     version: int = CONFIG_VERSION
+
+    what: ClassVar[str] = "quantization config"
 
     def __post_init__(self) -> None:
         if self.w_bits is not None and not 2 <= self.w_bits <= 8:
@@ -93,27 +127,6 @@ class QuantConfig:
             return None
         return 8 if self.w_bits > 4 else 4
 
-    def with_(self, **changes: Any) -> QuantConfig:
-        """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise DfqError(f"unknown quantization config keys: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> QuantConfig:
-        return cls.from_dict(json.loads(text))
 
 
 def _wonly(name: str, bits: int) -> QuantConfig:
@@ -158,6 +171,10 @@ BUNDLED_MODEL = "deit_tiny_cifar10"
 #: CPU runtimes. Input and output are FP32 either way.
 GRAPH_DTYPES = ("fp16", "fp32")
 
+#: ``export``'s parity check: the least fraction of each input set on which ONNX Runtime must agree with
+#: PyTorch within rounding (:mod:`dfq_deploy.export.parity`).
+PARITY_THRESHOLD = 0.99
+
 #: ``--device`` choices besides ``cuda:N``: ``auto`` is CUDA when torch sees a GPU, else the CPU
 #: (:func:`dfq_deploy.device.resolve_device`).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -190,3 +207,69 @@ def preset_for_bits(bits: int) -> QuantConfig:
             "16 or 32; simulated bit widths are in bench/accuracy.py"
         )
     return PRESETS[EXPORT_BITS[bits]]
+
+
+#: Closed-form corrections fitted after quantization (:mod:`dfq_deploy.calib.correction`).
+CORRECTION_MODES = ("none", "bias", "diag", "full")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig(JsonConfig):
+    """What is fitted on the calibration set after the quantizer ranges, and folded into the weights.
+
+    The recipe that ``export`` ships, the accuracy benchmark measures and :func:`dfq_deploy.quantize_` runs:
+    [reparameterise] -> quantize -> [reconstruct] -> correct -> fold.
+
+    Attributes:
+        mode: the correction of every quantized block Linear: ``none``, ``bias`` (an output bias), ``diag`` (an
+            output scale and bias per channel, the default) or ``full`` (a ridge input map, re-quantized, then
+            ``diag`` on top).
+        reparam: fold per-channel scales of post-LayerNorm activations into LayerNorms and Linears before
+            calibration (RepQ-ViT; only with quantized activations).
+        reconstruct: block-wise reconstruction by Adam before the correction.
+        reconstruct_iters: Adam steps per block.
+    """
+
+    mode: str = "diag"
+    reparam: bool = False
+    reconstruct: bool = False
+    reconstruct_iters: int = 100
+
+    what: ClassVar[str] = "correction config"
+
+    def __post_init__(self) -> None:
+        if self.mode not in CORRECTION_MODES:
+            raise DfqError(f"--correct {self.mode} is unknown: use one of {', '.join(CORRECTION_MODES)}")
+        if self.reconstruct_iters < 1:
+            raise DfqError(f"--reconstruct-iters {self.reconstruct_iters}: need at least 1")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(JsonConfig):
+    """Where the calibration images come from.
+
+    Attributes:
+        source: a data-free method (``dfqvit``, ``spdfq``, ``psaq``), ``noise`` or ``real``.
+        num_samples: calibration images.
+        iterations: synthesis iterations for a data-free method (None: the method's own default).
+        precision: synthesis compute precision (:data:`SYNTH_PRECISIONS`; None: the method's default, fp32).
+        calib_dir: ImageFolder for ``real``.
+        calib_from: a saved ``dfq-deploy synth`` folder to calibrate with instead of running ``source``.
+    """
+
+    source: str = DEFAULT_CALIB
+    num_samples: int = 32
+    iterations: int | None = DEFAULT_SYNTH_ITERS
+    precision: str | None = None
+    calib_dir: str | None = None
+    calib_from: str | None = None
+
+    what: ClassVar[str] = "calibration config"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise DfqError(f"--num-samples {self.num_samples}: need at least 1 calibration image")
+        if self.iterations is not None and self.iterations < 1:
+            raise DfqError(f"--synth-iters {self.iterations}: need at least 1 iteration")
+        if self.precision is not None and self.precision not in SYNTH_PRECISIONS:
+            raise DfqError(f"--synth-dtype {self.precision} is unknown: use one of {', '.join(SYNTH_PRECISIONS)}")

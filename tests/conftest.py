@@ -40,3 +40,22 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+_CALIBRATION_KEYS = {"calib": "source", "num_samples": "num_samples", "synth_iters": "iterations",
+                     "synth_precision": "precision", "calib_dir": "calib_dir", "calib_from": "calib_from"}
+_CORRECTION_KEYS = {"correct": "mode", "reparam": "reparam", "reconstruct": "reconstruct",
+                    "reconstruct_iters": "reconstruct_iters"}
+
+
+def export_options(**flat):
+    """``ExportOptions`` from the CLI's flat names (``calib=``, ``correct=``, ...), as the CLI builds them."""
+    from dfq_deploy.config import CalibrationConfig, CorrectionConfig
+    from dfq_deploy.pipeline import ExportOptions
+
+    cal = {_CALIBRATION_KEYS[k]: flat.pop(k) for k in list(flat) if k in _CALIBRATION_KEYS}
+    cor = {_CORRECTION_KEYS[k]: flat.pop(k) for k in list(flat) if k in _CORRECTION_KEYS}
+    for key in ("calib_dir", "calib_from"):
+        if cal.get(key) is not None:
+            cal[key] = str(cal[key])
+    return ExportOptions(calibration=CalibrationConfig(**cal), correction=CorrectionConfig(**cor), **flat)

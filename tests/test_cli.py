@@ -241,13 +241,17 @@ def test_export_runs_a_synthesizer_in_process(tmp_path, capsys):
 def test_export_default_calibration_is_data_free():
     from dfq_deploy.calib.synth import METHODS
     from dfq_deploy.cli import build_parser
-    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
+    from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, CalibrationConfig, CorrectionConfig
     from dfq_deploy.pipeline import ExportOptions
 
     args = build_parser().parse_args(["export"])
-    assert args.calib == ExportOptions().calib == DEFAULT_CALIB
+    assert args.calib == ExportOptions().calibration.source == DEFAULT_CALIB
     assert DEFAULT_CALIB in METHODS.names()  # a synthesis method: neither noise nor real data
-    assert args.synth_iters == ExportOptions().synth_iters == DEFAULT_SYNTH_ITERS
+    assert args.synth_iters == ExportOptions().calibration.iterations == DEFAULT_SYNTH_ITERS
+    # every default the parser shows comes from the configs
+    cor = CorrectionConfig()
+    assert (args.correct, args.reconstruct_iters, args.reparam) == (cor.mode, cor.reconstruct_iters, cor.reparam)
+    assert args.num_samples == CalibrationConfig().num_samples
 
 
 @pytest.mark.parametrize("flags, dtype, precision", [

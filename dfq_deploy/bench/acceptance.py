@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dfq_deploy.config import CalibrationConfig
 from dfq_deploy.errors import DfqError
 from dfq_deploy.utils import atomic_write_json, atomic_write_text
 
@@ -118,8 +119,9 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     for name, bits, precision in EXPORTS:
         try:  # a failed export, build or evaluation is a failed check of this export; the others still run
             logger.warning("acceptance: export %s", name)
-            report = export_model(ExportOptions(bits=bits, output=out / name, eval_data=data, eval_limit=limit,
-                                                calib_from=synth if bits < 16 else None, progress=progress))
+            calibration = CalibrationConfig(calib_from=str(synth) if bits < 16 else None)
+            report = export_model(ExportOptions(bits=bits, calibration=calibration, output=out / name, eval_data=data,
+                                                eval_limit=limit, progress=progress))
             logger.warning("acceptance: build %s", name)
             plan = plan_build(report["artifact"], precision, batch=BATCHES,  # (min, opt, max)
                               timing_cache=out / "timing.cache", output=out / name / "model.engine")

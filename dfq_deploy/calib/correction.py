@@ -56,11 +56,12 @@ from torch import nn
 
 from dfq_deploy.calib.fold import LinearCorrection, attach_correction_, fold_corrections_, fold_linear_
 from dfq_deploy.calib.qmodel import QuantLinear, quant_disabled, transformer_blocks
+from dfq_deploy.config import CORRECTION_MODES
 from dfq_deploy.device import model_device
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "bias", "diag", "full")
+MODES = CORRECTION_MODES  # the choices live in dfq_deploy.config
 #: Ridge strengths (times ``trace(C_aa) / d``) tried per layer by ``full``; the identity is always tried too.
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 #: Tokens kept per layer for fitting (a random subset beyond this).

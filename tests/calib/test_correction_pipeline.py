@@ -7,16 +7,17 @@ import json
 import pytest
 
 import dfq_deploy.pipeline as pipeline
+from dfq_deploy.config import CorrectionConfig
 from dfq_deploy.errors import DfqError
 from dfq_deploy.models import ModelSpec
-from dfq_deploy.pipeline import ExportOptions, export_model
-from tests.conftest import TINY_KWARGS
+from dfq_deploy.pipeline import export_model
+from tests.conftest import TINY_KWARGS, export_options
 
 
 def _opts(out, **kw):
     spec = ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True)
     base = dict(model=spec, bits=8, output=out, calib="noise", num_samples=8, parity_threshold=0.8, progress=False)
-    return ExportOptions(**{**base, **kw})
+    return export_options(**{**base, **kw})
 
 
 def test_export_with_every_stage(tmp_path):
@@ -42,7 +43,7 @@ def test_export_with_every_stage(tmp_path):
 
 def test_defaults_and_float_export(tmp_path):
     opts = _opts(tmp_path / "a", bits=32, calib="spdfq")
-    assert opts.correct == "diag" and not opts.reparam and not opts.reconstruct and not opts.plot
+    assert opts.correction == CorrectionConfig() and opts.correction.mode == "diag" and not opts.plot
     report = export_model(opts)
     assert report["correction"] == {"mode": "none", "skipped": "float export"}
     assert report["calibration"]["source"] == "noise"  # parity inputs only: no synthesis for a float export

@@ -11,7 +11,7 @@ from dfq_deploy.errors import DfqError
 from dfq_deploy.export.ort import ort_session
 from dfq_deploy.models import ModelSpec
 from dfq_deploy.pipeline import ExportOptions, check_inputs, export_model
-from tests.conftest import TINY_KWARGS
+from tests.conftest import TINY_KWARGS, export_options
 
 HAS_CUDA = torch.cuda.is_available()
 TINY = ["--model", "deit_t", "--model-kwargs", ",".join(f"{k}={v}" for k, v in TINY_KWARGS.items())]
@@ -20,12 +20,12 @@ TINY = ["--model", "deit_t", "--model-kwargs", ",".join(f"{k}={v}" for k, v in T
 def _opts(out, **kw) -> ExportOptions:
     spec = ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True)
     base = dict(model=spec, bits=8, output=out, calib="dfqvit", synth_iters=3, num_samples=8, progress=False)
-    return ExportOptions(**{**base, **kw})
+    return export_options(**{**base, **kw})
 
 
 def test_bad_synthesis_precision_is_refused() -> None:
     with pytest.raises(DfqError, match="--synth-dtype fp8 is unknown: use one of fp32, bf16"):
-        ExportOptions(synth_precision="fp8")
+        export_options(synth_precision="fp8")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="a CUDA GPU is available here")

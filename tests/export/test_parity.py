@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from dfq_deploy.calib.recipe import quantize_
 from dfq_deploy.config import PRESETS
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import DATA_CONFIG_KEY, save_onnx, to_onnx
 from dfq_deploy.export.parity import FLOAT_RTOL, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
-from dfq_deploy.pipeline import quantize_and_correct
 from tests.export import sabotage
 
 DEPLOYABLE = ["W8A8", "W4A16", "W3A16"]
@@ -28,7 +28,7 @@ def _quantized(spec: ModelSpec, preset: str, calib: torch.Tensor, seed: int = 0,
                dtype: str = "fp16") -> tuple[torch.nn.Module, object]:
     torch.manual_seed(seed)
     model = create_model(spec)
-    quantize_and_correct(model, PRESETS[preset], calib, calib[:8], correct="diag", seed=seed)
+    quantize_(model, PRESETS[preset], calib, held=calib[:8], seed=seed)
     return model, to_onnx(model, dtype=dtype)
 
 
@@ -148,7 +148,7 @@ def test_logit_check_alone_catches_gross_faults(bundled_graphs, kind):
 
 
 def test_api_file_is_deployable(tmp_path, tiny_model, image_folder):
-    from dfq_deploy.bench.accuracy import evaluate_onnx, onnx_data_config
+    from dfq_deploy.export.evaluate import evaluate_onnx, onnx_data_config
 
     x = torch.randn(8, 3, 32, 32)
     from dfq_deploy.calib.qmodel import batches_loop, quantize
