@@ -40,9 +40,6 @@ import numpy as np
 import torch
 
 import dfq_deploy
-from dfq_deploy.calib.recipe import quantize_
-from dfq_deploy.calib.synth import METHODS, SYNTHESIZERS, CalibRequest
-from dfq_deploy.calib.synth.loop import SYNTH_REVISION, model_fingerprint, save_checkpoint
 from dfq_deploy.config import CORRECTION_MODES, DEVICE_CHOICES, GRAPH_DTYPES, CorrectionConfig, QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.device import resolve_device
@@ -50,6 +47,10 @@ from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
+from dfq_deploy.quant.recipe import quantize_
+from dfq_deploy.synth import METHODS, SOURCES, CalibRequest
+from dfq_deploy.synth.checkpoint import model_fingerprint, save_checkpoint
+from dfq_deploy.synth.loop import SYNTH_REVISION
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("bench.accuracy")
@@ -195,7 +196,7 @@ def calib_maker(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str,
             options.setdefault("iterations", args.synth_iters)
 
     def make() -> torch.Tensor:
-        return SYNTHESIZERS.get(name)(base, CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)).images
+        return SOURCES.get(name)(base, CalibRequest(args.num_samples, seed, dcfg, args.calib_dir, options)).images
 
     return make
 
@@ -212,13 +213,13 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     logger.warning("cells are saved in %s", cache.root)
     x_eval, y_eval = load_images(args.data, dcfg, limit=args.limit, seed=0)
     y_eval = y_eval.numpy()
-    sources = SYNTHESIZERS.names() if args.sources == "all" else args.sources.split(",")
+    sources = SOURCES.names() if args.sources == "all" else args.sources.split(",")
     presets = args.presets.split(",")
     if args.log2:
         presets += [f"{p}-log2" for p in presets if p in SIMULATED + EXTRA_SIMULATED]
     threads = args.threads or torch.get_num_threads()
     cells: list[dict[str, Any]] = []
-    held = SYNTHESIZERS.get("noise")(base, CalibRequest(args.num_samples, 10_000, dcfg)).images  # for error reports
+    held = SOURCES.get("noise")(base, CalibRequest(args.num_samples, 10_000, dcfg)).images  # for error reports
 
     def acc(logits: np.ndarray) -> float:
         return float((logits.argmax(-1) == y_eval).mean())

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 import dfq_deploy
-from dfq_deploy.calib.correction import fit_corrections_
-from dfq_deploy.calib.fold import fold_corrections_
-from dfq_deploy.calib.qmodel import act_quantizers, batches_loop, quantize
 from dfq_deploy.config import preset
 from dfq_deploy.data import load_images
 from dfq_deploy.models import ModelSpec, create_model, data_config, parse_model_kwargs
+from dfq_deploy.quant.correct import fit_corrections_
+from dfq_deploy.quant.correct.fold import fold_corrections_
+from dfq_deploy.quant.qmodel import act_quantizers, batches_loop, quantize
 from dfq_deploy.utils import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent

@@ -4,7 +4,7 @@ Three measurements, written to ``bench/results/cost-<model>.json`` (atomically) 
 
 1. **Synthesis cost per iteration vs a plain forward+backward.** For every registered synthesis method
    (``spdfq`` twice: Multi-Semantic Reinforcement off and on) the real code path
-   (:func:`dfq_deploy.calib.synth.synthesize`) runs ``--iters`` iterations; the wall time of each iteration is
+   (:func:`dfq_deploy.synth.synthesize`) runs ``--iters`` iterations; the wall time of each iteration is
    the time between consecutive optimizer steps (a global ``torch.optim`` step post-hook), so model probing,
    target drawing and other setup are not counted. The baseline is one forward + backward of the same model on
    the same number of images of the same size (cross-entropy on random targets, gradient w.r.t. the input
@@ -55,12 +55,13 @@ from torch import nn
 
 from dfq_deploy.bench.report import cpu_model
 from dfq_deploy.bench.synth_cost import StepTimer, drop_warmup, time_baseline
-from dfq_deploy.calib.correction import MODES
-from dfq_deploy.calib.recipe import held_back_noise, quantize_
-from dfq_deploy.calib.synth import METHODS, method_options, synthesize
-from dfq_deploy.calib.synth.loop import Stage, get_method, synthesis_mode
 from dfq_deploy.config import CorrectionConfig, preset
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
+from dfq_deploy.quant.correct import MODES
+from dfq_deploy.quant.recipe import held_back_noise, quantize_
+from dfq_deploy.synth import METHODS, method_options, synthesize
+from dfq_deploy.synth.method import get_method, synthesis_mode
+from dfq_deploy.synth.schedule import Stage
 from dfq_deploy.utils import atomic_write_json
 
 logger = logging.getLogger("bench.cost")

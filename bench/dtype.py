@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfq_deploy.calib.synth import synthesize_default
 from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, GRAPH_DTYPES, CalibrationConfig
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.export.evaluate import onnx_data_config
@@ -35,6 +34,7 @@ from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import parity_sets, run_session
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
 from dfq_deploy.pipeline import ExportOptions, export_model
+from dfq_deploy.synth import synthesize_default
 from dfq_deploy.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from dfq_deploy.calib.synth import run_synthesis
 from dfq_deploy.config import CalibrationConfig
 from dfq_deploy.export.parity import parity_sets
 from dfq_deploy.models import BUNDLED_ARCH, BUNDLED_WEIGHTS, TINY_CONFIGS, ModelSpec, create_model, data_config
 from dfq_deploy.pipeline import ExportOptions, export_model
+from dfq_deploy.synth import run_synthesis
 from dfq_deploy.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent

@@ -12,9 +12,9 @@ from typing import Any
 __version__ = "0.2.0"
 
 _API = {
-    "quantize_": "dfq_deploy.calib.recipe",
-    "quantize": "dfq_deploy.calib.qmodel",
-    "batches_loop": "dfq_deploy.calib.qmodel",
+    "quantize_": "dfq_deploy.quant.recipe",
+    "quantize": "dfq_deploy.quant.qmodel",
+    "batches_loop": "dfq_deploy.quant.qmodel",
     "QuantConfig": "dfq_deploy.config",
     "CorrectionConfig": "dfq_deploy.config",
     "CalibrationConfig": "dfq_deploy.config",

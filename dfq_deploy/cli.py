@@ -91,9 +91,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import torch
 
-    from dfq_deploy.calib.synth import METHODS, run_synthesis
     from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
+    from dfq_deploy.synth import METHODS, run_synthesis
 
     spec = _spec(args)
     spec.timm_name  # noqa: B018 - an unknown model fails before anything else
@@ -178,7 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
-    from dfq_deploy.bench.acceptance import acceptance_plan, check_environment, passed, run_acceptance
+    from dfq_deploy.acceptance import acceptance_plan, check_environment, passed, run_acceptance
 
     if not args.dry_run:
         check_environment()  # one line, before any work (or a torch import), when TensorRT or the GPU is missing

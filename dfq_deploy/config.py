@@ -209,7 +209,7 @@ def preset_for_bits(bits: int) -> QuantConfig:
     return PRESETS[EXPORT_BITS[bits]]
 
 
-#: Closed-form corrections fitted after quantization (:mod:`dfq_deploy.calib.correction`).
+#: Closed-form corrections fitted after quantization (:mod:`dfq_deploy.quant.correct`).
 CORRECTION_MODES = ("none", "bias", "diag", "full")
 
 

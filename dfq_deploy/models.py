@@ -17,8 +17,11 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
+from timm.layers import Attention
 from timm.models import generate_default_cfgs, register_model
+from timm.models.swin_transformer import WindowAttention
 from timm.models.vision_transformer import _create_vision_transformer
+from torch import nn
 
 from dfq_deploy.config import BUNDLED_MODEL  # re-exported: timm's registry name of the bundled model
 from dfq_deploy.errors import DfqError
@@ -301,3 +304,18 @@ def data_config(model: torch.nn.Module) -> dict[str, Any]:
     if img_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], *tuple(img_size))
     return cfg
+
+
+# --- model structure -------------------------------------------------------------------------------------
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm attention modules (ViT/DeiT ``Attention``, Swin ``WindowAttention``) in forward order."""
+    return [m for m in model.modules() if isinstance(m, (Attention, WindowAttention))]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks (modules with an ``attn`` attention child and an ``mlp`` child) in forward order.
+
+    ViT/DeiT ``Block`` and Swin ``SwinTransformerBlock`` qualify; each takes one tensor and returns one.
+    """
+    attns = {id(a) for a in attention_modules(model)}
+    return [m for m in model.modules() if id(getattr(m, "attn", None)) in attns and hasattr(m, "mlp")]

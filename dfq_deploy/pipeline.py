@@ -16,9 +16,6 @@ from typing import Any
 
 import torch
 
-from dfq_deploy.calib.correction import plot_block_errors
-from dfq_deploy.calib.recipe import HELD_SEED_OFFSET, quantize_
-from dfq_deploy.calib.synth import METHODS, CalibRequest, get_source, load_synth_dir
 from dfq_deploy.config import (
     DEVICE_CHOICES,
     GRAPH_DTYPES,
@@ -35,6 +32,9 @@ from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
 from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import ModelSpec, create_model, data_config, require_checkpoint_file
+from dfq_deploy.quant.correct import plot_block_errors
+from dfq_deploy.quant.recipe import HELD_SEED_OFFSET, quantize_
+from dfq_deploy.synth import METHODS, CalibRequest, get_source, load_synth_dir
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class ExportOptions:
             is given.
         quant: the quantization config; None: the preset of ``bits``.
         calibration: where the calibration images come from.
-        correction: what is fitted after the ranges and folded (:func:`dfq_deploy.calib.recipe.quantize_`).
+        correction: what is fitted after the ranges and folded (:func:`dfq_deploy.quant.recipe.quantize_`).
         dtype: the graph's compute type (:data:`dfq_deploy.config.GRAPH_DTYPES`): ``fp16``, what TensorRT should
             build, or ``fp32`` for CPU runtimes; None: the bit width's own, ``fp32`` for ``bits=32`` and ``fp16``
             otherwise.

@@ -14,8 +14,8 @@ class Registry(Generic[T]):
     """Name -> object mapping filled by a decorator.
 
     Example:
-        >>> SYNTHESIZERS = Registry("synthesizer")
-        >>> @SYNTHESIZERS.register("noise")
+        >>> SOURCES = Registry("synthesizer")
+        >>> @SOURCES.register("noise")
         ... class Noise: ...
     """
 

@@ -239,10 +239,10 @@ def test_export_runs_a_synthesizer_in_process(tmp_path, capsys):
 
 
 def test_export_default_calibration_is_data_free():
-    from dfq_deploy.calib.synth import METHODS
     from dfq_deploy.cli import build_parser
     from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS, CalibrationConfig, CorrectionConfig
     from dfq_deploy.pipeline import ExportOptions
+    from dfq_deploy.synth import METHODS
 
     args = build_parser().parse_args(["export"])
     assert args.calib == ExportOptions().calibration.source == DEFAULT_CALIB

@@ -4,7 +4,7 @@ The baseline is one plain forward + backward of the same model on the same numbe
 (cross-entropy on random targets, the gradient w.r.t. the input images, the model in synthesis mode: eval,
 unfused attention, frozen weights; no optimizer step), run with the same numerics (fp32 or bf16 autocast).
 A method's seconds per iteration is the median time between consecutive optimizer steps of the real code path
-(:func:`dfq_deploy.calib.synth.synthesize`), after ``warmup`` dropped iterations. On CUDA every timing is
+(:func:`dfq_deploy.synth.synthesize`), after ``warmup`` dropped iterations. On CUDA every timing is
 synchronised and the peak is ``torch.cuda.max_memory_allocated`` of each phase; on the CPU the caller measures
 peak RSS (``bench/synth_devices.py`` runs each row in a process of its own).
 
@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from dfq_deploy.calib.synth import method_options, synthesize
-from dfq_deploy.calib.synth.loop import synthesis_mode
 from dfq_deploy.device import (
     describe_device,
     model_device,
@@ -33,6 +31,8 @@ from dfq_deploy.device import (
     synchronize,
     synthesis_numerics,
 )
+from dfq_deploy.synth import method_options, synthesize
+from dfq_deploy.synth.method import synthesis_mode
 
 logger = logging.getLogger(__name__)
 

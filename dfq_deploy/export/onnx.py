@@ -37,10 +37,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from dfq_deploy.calib.qmodel import QuantLinear, attention_modules, quant_disabled, quant_linears
-from dfq_deploy.calib.quantizers import ActQuantizer
 from dfq_deploy.device import model_device
 from dfq_deploy.errors import DfqError
+from dfq_deploy.quant.qmodel import QuantLinear, attention_modules, quant_disabled, quant_linears
+from dfq_deploy.quant.quantizers import ActQuantizer
 from dfq_deploy.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)

@@ -55,11 +55,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from dfq_deploy.calib.qmodel import attention_modules, quant_linears
 from dfq_deploy.device import exact_float32, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.fp16 import graph_dtype
 from dfq_deploy.export.onnx import pv_output_quantizer
+from dfq_deploy.quant.qmodel import attention_modules, quant_linears
 
 logger = logging.getLogger(__name__)
 

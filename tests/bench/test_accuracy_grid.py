@@ -64,7 +64,7 @@ def test_smoke_grid(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*/calib-psaq:kde_points=8-0-*.pt"))) == 1
 
     # Once the method's revision is bumped (its defaults changed), its saved sets and cells are not reused.
-    from dfq_deploy.calib.synth import METHODS
+    from dfq_deploy.synth import METHODS
 
     monkeypatch.setattr(METHODS.get("psaq"), "revision", 1)
     bumped = mod.main(["--smoke", "--model", "deit_t", "--model-kwargs", kwargs, "--checkpoint", str(ckpt),
@@ -89,7 +89,7 @@ def test_gap_closed():
 
 
 def test_cached_sets_carry_the_method_revision(monkeypatch):
-    from dfq_deploy.calib.synth import METHODS
+    from dfq_deploy.synth import METHODS
 
     key = _load().CellCache.source_key
     assert key("noise") == "noise" and key("real") == "real"  # not synthesis methods: no revision

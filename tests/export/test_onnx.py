@@ -10,12 +10,12 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from dfq_deploy.calib.qmodel import attention_modules, batches_loop, quantize
 from dfq_deploy.config import PRESETS
 from dfq_deploy.export.lint import check_onnx, lint_onnx
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.parity import compare_logits, measure_parity, reference_session, run_session, run_torch
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
+from dfq_deploy.quant.qmodel import attention_modules, batches_loop, quantize
 
 DTYPES = ["fp16", "fp32"]
 FLOAT = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}

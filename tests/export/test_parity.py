@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dfq_deploy.calib.recipe import quantize_
 from dfq_deploy.config import PRESETS
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import DATA_CONFIG_KEY, save_onnx, to_onnx
 from dfq_deploy.export.parity import FLOAT_RTOL, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config
+from dfq_deploy.quant.recipe import quantize_
 from tests.export import sabotage
 
 DEPLOYABLE = ["W8A8", "W4A16", "W3A16"]
@@ -151,7 +151,7 @@ def test_api_file_is_deployable(tmp_path, tiny_model, image_folder):
     from dfq_deploy.export.evaluate import evaluate_onnx, onnx_data_config
 
     x = torch.randn(8, 3, 32, 32)
-    from dfq_deploy.calib.qmodel import batches_loop, quantize
+    from dfq_deploy.quant.qmodel import batches_loop, quantize
 
     quantize(tiny_model, PRESETS["W8A8"], batches_loop(x))
     path = save_onnx(to_onnx(tiny_model), tmp_path / "m.onnx")
@@ -161,8 +161,8 @@ def test_api_file_is_deployable(tmp_path, tiny_model, image_folder):
 
 
 def test_float16_null_uses_the_graphs_weights_and_leaves_the_model_alone():
-    from dfq_deploy.calib.qmodel import quant_linears
     from dfq_deploy.export.parity import rounding_null, run_torch
+    from dfq_deploy.quant.qmodel import quant_linears
 
     name, kwargs = TINY_CONFIGS["deit"]
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))

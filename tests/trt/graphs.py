@@ -100,10 +100,10 @@ def vit_graph(preset: str | None = "W8A8", dtype: str = "fp16", seed: int = 0) -
     """
     import torch
 
-    from dfq_deploy.calib.qmodel import batches_loop, quantize
     from dfq_deploy.config import PRESETS
     from dfq_deploy.export.onnx import to_onnx
     from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model
+    from dfq_deploy.quant.qmodel import batches_loop, quantize
 
     name, kwargs = TINY_CONFIGS["deit"]
     torch.manual_seed(seed)

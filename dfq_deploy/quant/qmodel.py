@@ -1,0 +1,296 @@
+"""Wrap a timm ViT/DeiT/Swin with fake quantizers, calibrate them, and switch them on.
+
+The entry point has torchao / Model Optimizer's shape::
+
+    model = quantize(model, W8A8, forward_loop=lambda m: [m(x) for x in batches])
+
+Every ``nn.Linear`` inside the transformer blocks (qkv, proj, fc1, fc2; Swin's patch-merging reduction too)
+becomes a :class:`QuantLinear`; the classifier head and the patch embedding stay in float. When activations
+are quantized with scope ``matmul``, each attention module also quantizes the inputs of its two matmuls
+(``q*scale``, ``k``, the softmax output and ``v``), in the same places where the exported ONNX graph gets
+its Q/DQ pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import nn
+
+from dfq_deploy.config import QuantConfig
+from dfq_deploy.device import exact_float32, model_device
+from dfq_deploy.models import attention_modules, transformer_blocks  # noqa: F401  (re-exported)
+from dfq_deploy.quant.quantizers import ActQuantizer, WeightQuantizer
+
+logger = logging.getLogger(__name__)
+
+ForwardLoop = Callable[[nn.Module], None]
+
+
+class QuantLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters) with an optional input quantizer and weight quantizer.
+
+    ``correction`` is normally None. While a closed-form correction is pending (fitted by
+    :func:`dfq_deploy.quant.correct.fit_corrections_`, not yet folded), it holds a
+    :class:`dfq_deploy.quant.correct.fold.LinearCorrection`: its input part lives in the weight that is quantized
+    (``Q_w(W M)``, bias ``b + W c``), its output part (``s * y + t``) is applied to the output.
+    :func:`dfq_deploy.quant.correct.fold.fold_corrections_` writes both into ``weight``/``bias``/weight scales.
+    """
+
+    input_quantizer: ActQuantizer | None
+    weight_quantizer: WeightQuantizer | None
+    correction: nn.Module | None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, cfg: QuantConfig) -> QuantLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight, new.bias = lin.weight, lin.bias
+        new.weight_quantizer = None
+        if cfg.w_bits is not None:
+            block = None
+            if cfg.w_granularity == "blockwise":
+                block = _fit_block(cfg.block_size, lin.in_features)
+            new.weight_quantizer = WeightQuantizer(cfg.w_bits, block, cfg.w_range)
+        new.input_quantizer = None
+        if cfg.a_bits is not None:
+            new.input_quantizer = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+        new.correction = None
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        corr = getattr(self, "correction", None)
+        if corr is None:
+            w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+            return F.linear(x, w, self.bias)
+        w, b = corr.input_folded(self.weight, self.bias)
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        return corr.apply_output(F.linear(x, w, b))
+
+
+@functools.cache
+def _fit_block(block_size: int, in_features: int) -> int:
+    """The configured block size, or the largest power of two below it that divides ``in_features`` (logged once).
+
+    Powers of two keep ONNX Runtime's MatMulNBits kernel (it takes 16..256) and TensorRT's blocked INT4 happy.
+    """
+    if in_features % block_size == 0:
+        return block_size
+    b = 1 << (min(block_size, in_features).bit_length() - 1)
+    while b >= 2:
+        if in_features % b == 0:
+            logger.warning("block size %d does not divide %d inputs: using %d for those layers", block_size,
+                           in_features, b)
+            return b
+        b >>= 1
+    raise ValueError(f"no even block size divides {in_features}")
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+def _attach_attn_quantizers(attn: nn.Module, cfg: QuantConfig) -> None:
+    assert cfg.a_bits is not None
+    attn.q_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+    attn.k_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+    attn.p_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile, log2=cfg.attn_log2)
+    attn.v_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+    fwd = _vit_attention_forward if isinstance(attn, Attention) else _swin_attention_forward
+    attn.forward = types.MethodType(fwd, attn)
+
+
+def _vit_attention_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """timm ``Attention.forward`` (unfused branch) with the four matmul inputs quantized."""
+    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    q = self.q_quant(q * self.scale)
+    attn = q @ self.k_quant(k).transpose(-2, -1)
+    attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+    attn = self.attn_drop(attn.softmax(dim=-1))
+    x = self.p_quant(attn) @ self.v_quant(v)
+    x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
+def _swin_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """timm ``WindowAttention.forward`` (unfused branch) with the four matmul inputs quantized."""
+    B_, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q = self.q_quant(q * self.scale)
+    attn = q @ self.k_quant(k).transpose(-2, -1)
+    attn = attn + self._get_rel_pos_bias()
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.num_heads, N, N)
+    attn = self.attn_drop(self.softmax(attn))
+    x = self.p_quant(attn) @ self.v_quant(v)
+    x = x.transpose(1, 2).reshape(B_, N, -1)
+    return self.proj_drop(self.proj(x))
+
+
+# --- model-level API ---------------------------------------------------------------------------------------
+def _quantizable_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for parent_name, parent in model.named_modules():
+        if not parent_name.startswith(("blocks", "layers", "stages")):
+            continue
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear) and child is not head:
+                yield parent, child_name, child
+
+
+def _quantize_head_(model: nn.Module, head_cfg: QuantConfig) -> None:
+    """Replace the classifier head's Linear by a weight-only per-channel QuantLinear (in place)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or isinstance(head, QuantLinear):
+        return
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is head:
+                setattr(parent, child_name, QuantLinear.from_linear(head, head_cfg))
+                return
+
+
+def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Insert (still inactive) quantizers into ``model`` in place.
+
+    Raises:
+        ValueError: the model has no Linear layers inside blocks (not a timm transformer).
+    """
+    from dfq_deploy.models import set_fused_attn_
+
+    set_fused_attn_(model, False)
+    model.dfq_config = cfg
+    if cfg.w_bits is None and cfg.a_bits is None:
+        return model
+    n = 0
+    for parent, name, lin in list(_quantizable_linears(model)):
+        setattr(parent, name, QuantLinear.from_linear(lin, cfg))
+        n += 1
+    if n == 0:
+        raise ValueError("no Linear layers found under blocks/layers: is this a timm ViT/DeiT/Swin model?")
+    if cfg.head_w_bits is not None:
+        _quantize_head_(model, cfg.with_(w_bits=cfg.head_w_bits, w_granularity="per_channel", a_bits=None))
+    if cfg.a_bits is not None and cfg.a_scope == "matmul":
+        for attn in attention_modules(model):
+            _attach_attn_quantizers(attn, cfg)
+    logger.info("prepared %d quantized Linear layers for %s", n, cfg.name)
+    return model
+
+
+def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def act_quantizers(model: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
+
+
+def set_quant_enabled_(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch every quantizer on or off (off gives the full-precision model with the same weights)."""
+    for m in model.modules():
+        if isinstance(m, (ActQuantizer, WeightQuantizer)):
+            m.enabled = enabled
+    return model
+
+
+class quant_disabled:  # noqa: N801 - used like a function: ``with quant_disabled(model): ...``
+    """Context manager running ``model`` in full precision."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.states = [(m, m.enabled) for m in self.model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
+        set_quant_enabled_(self.model, False)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, state in self.states:
+            m.enabled = state
+
+
+@torch.no_grad()
+def calibrate_weights_(model: nn.Module) -> nn.Module:
+    """(Re)choose every weight scale from the current weights; call again after weights change (folding)."""
+    for _, lin in quant_linears(model):
+        if lin.weight_quantizer is not None:
+            lin.weight_quantizer.calibrate(lin.weight)
+    return model
+
+
+@torch.no_grad()
+def calibrate_activations_(model: nn.Module, forward_loop: ForwardLoop) -> nn.Module:
+    """Observe activations of the full-precision model over ``forward_loop`` and choose their scales."""
+    quantizers = [q for _, q in act_quantizers(model)]
+    if not quantizers:
+        return model
+    was_training = model.training
+    model.eval()
+    with quant_disabled(model):
+        for q in quantizers:
+            q.reset_observer()
+            q.observing = True
+        try:
+            forward_loop(model)
+        finally:
+            for q in quantizers:
+                q.observing = False
+    for name, q in act_quantizers(model):
+        try:
+            q.finalize()
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name}: {exc}") from exc
+    model.train(was_training)
+    return model
+
+
+def quantize(model: nn.Module, config: QuantConfig, forward_loop: ForwardLoop | None = None) -> nn.Module:
+    """Quantize ``model`` in place and return it: insert quantizers, calibrate, enable.
+
+    Args:
+        model: a timm ViT/DeiT/Swin in eval mode.
+        config: a :class:`~dfq_deploy.config.QuantConfig` (or a preset such as ``W8A8``).
+        forward_loop: runs the calibration data through the model; needed when activations are quantized.
+
+    Raises:
+        ValueError: activations are quantized but no ``forward_loop`` was given.
+    """
+    prepare_(model, config)
+    calibrate_weights_(model)
+    if config.a_bits is not None:
+        if forward_loop is None:
+            raise ValueError(f"{config.name} quantizes activations: pass a forward_loop with calibration data")
+        calibrate_activations_(model, forward_loop)
+    set_quant_enabled_(model, True)
+    return model
+
+
+def batches_loop(images: torch.Tensor, batch_size: int = 32) -> ForwardLoop:
+    """A forward loop over an in-memory tensor of images, fed to the model's device in exact float32."""
+
+    def loop(model: nn.Module) -> None:
+        dev = model_device(model)
+        with torch.no_grad(), exact_float32():
+            for i in range(0, len(images), batch_size):
+                model(images[i : i + batch_size].to(dev))
+
+    return loop
