@@ -21,7 +21,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dfq_deploy.bench.power import DEFAULT_GAP_FACTOR, PowerSampler
+from dfq_deploy.bench.energy import DEFAULT_GAP_FACTOR
+from dfq_deploy.bench.sampler import PowerSampler
 
 logger = logging.getLogger(__name__)
 

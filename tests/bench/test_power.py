@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_rapl_missing_root(tmp_path):
 
 def test_auto_sampler_unavailable_with_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(power.shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
     s = auto_sampler(sysfs_root=tmp_path, powercap_root=tmp_path / "powercap")
     assert isinstance(s, UnavailableSampler)
     for source in ("ina3221", "tegrastats", "nvml", "rapl"):
@@ -248,7 +249,7 @@ def test_auto_sampler_unavailable_with_reason(tmp_path, monkeypatch):
 
 
 def test_auto_sampler_picks_first_available(agx_orin_sysfs, monkeypatch):
-    monkeypatch.setattr(power.shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
     s = auto_sampler(sysfs_root=agx_orin_sysfs, powercap_root=agx_orin_sysfs / "none")
     assert isinstance(s, INA3221Sampler)
 
@@ -270,5 +271,5 @@ def test_missing_tegrastats_log_is_an_error(tmp_path):
 
 
 def test_live_tegrastats_needs_the_binary(monkeypatch):
-    monkeypatch.setattr(power.shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
     assert "not on PATH" in power.TegrastatsSampler().probe()
