@@ -139,7 +139,7 @@ def _sim(name: str, w: int, a: int) -> QuantConfig:
 
 
 #: ``export``'s calibration source: the data-free method that did best in the accuracy benchmark
-#: (``bench/results/accuracy-deit_tiny_cifar10.md``).
+#: (``experiments/results/accuracy-deit_tiny_cifar10.md``).
 DEFAULT_CALIB = "dfqvit"
 #: Synthesis iterations ``export`` runs in-process by default: the setting the accuracy benchmark measures.
 #: Longer runs: ``dfq-deploy synth --iters K`` and ``export --calib-from``.
@@ -204,7 +204,7 @@ def preset_for_bits(bits: int) -> QuantConfig:
     if bits not in EXPORT_BITS:
         raise DfqError(
             f"--bits {bits} has no deployable TensorRT kernel: use 8 (W8A8), 4 (W4A16), 3 (W3A16), "
-            "16 or 32; simulated bit widths are in bench/accuracy.py"
+            "16 or 32; simulated bit widths are in experiments/accuracy.py"
         )
     return PRESETS[EXPORT_BITS[bits]]
 

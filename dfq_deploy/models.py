@@ -82,7 +82,7 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def deit_tiny_cifar10(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """DeiT-Tiny-width ViT trained on CIFAR-10 by ``bench/train_teacher.py``; weights ship in the package."""
+    """DeiT-Tiny-width ViT trained on CIFAR-10 by ``experiments/train_teacher.py``; weights ship in the package."""
     args = dict(BUNDLED_ARCH)
     args.update(kwargs)
     return _create_vision_transformer(BUNDLED_MODEL, pretrained=pretrained, **args)

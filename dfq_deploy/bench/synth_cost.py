@@ -6,9 +6,10 @@ unfused attention, frozen weights; no optimizer step), run with the same numeric
 A method's seconds per iteration is the median time between consecutive optimizer steps of the real code path
 (:func:`dfq_deploy.synth.synthesize`), after ``warmup`` dropped iterations. On CUDA every timing is
 synchronised and the peak is ``torch.cuda.max_memory_allocated`` of each phase; on the CPU the caller measures
-peak RSS (``bench/synth_devices.py`` runs each row in a process of its own).
+peak RSS (``experiments/synth_devices.py`` runs each row in a process of its own).
 
-Used by ``bench/synth_devices.py`` (rows per device and model) and ``bench/cost.py`` (every method, one model).
+Used by ``experiments/synth_devices.py`` (rows per device and model) and ``experiments/cost.py`` (every method,
+one model).
 """
 
 from __future__ import annotations
@@ -119,18 +120,21 @@ def device_row(model: nn.Module, dcfg: dict[str, Any], method: str = "dfqvit", n
     device = model_device(model)
     opts = {"global_frac": 0.0} if method == "dfqvit" else {}
     opts.update(options or {})
-    # the method first, then the baseline: whichever runs first pays for the allocator's first touch of its
-    # memory (page faults on the CPU), which the warm-up iterations do not fully absorb for large models
+    # the baseline before and after the method, one median of both: whichever runs first in a process pays for
+    # the allocator's first touch of its memory (page faults on the CPU), which skewed a one-sided ratio by up to
+    # 1.4x on this 2-core VM (baseline first: 0.9x, method first: 1.37x for DeiT-T at 224 px)
+    peak_memory_reset(device)
+    before = time_baseline(model, dcfg, num_samples, warmup + iters, seed, precision)
+    base_peak = peak_memory_bytes(device)
     synth_opts = method_options(method, {**opts, "precision": precision}, num_samples=num_samples, seed=seed,
                                 iterations=warmup + iters + 1)
     peak_memory_reset(device)
     with StepTimer(device) as timer:
         res = synthesize(model, dcfg, method, synth_opts, progress=False)
     method_peak = peak_memory_bytes(device)
-    peak_memory_reset(device)
-    base = time_baseline(model, dcfg, num_samples, warmup + iters, seed, precision)
-    base_peak = peak_memory_bytes(device)
-    base_s = statistics.median(drop_warmup(base, warmup))
+    after = time_baseline(model, dcfg, num_samples, iters, seed, precision)
+    base = drop_warmup(before, warmup) + after
+    base_s = statistics.median(base)
     method_s = statistics.median(drop_warmup(timer.times, warmup))
     row = {
         "model": getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__,
@@ -143,7 +147,7 @@ def device_row(model: nn.Module, dcfg: dict[str, Any], method: str = "dfqvit", n
         "target_ratio": TARGET_RATIO, "meets_target": method_s / base_s <= TARGET_RATIO,
         "images_x_iters_per_s": num_samples / method_s,
         "baseline_peak_bytes": base_peak, "method_peak_bytes": method_peak,
-        "baseline_times_s": base, "method_times_s": timer.times, "warmup": warmup,
+        "baseline_times_s": {"before": before, "after": after}, "method_times_s": timer.times, "warmup": warmup,
     }
     logger.info("%s %s %s: baseline %.3f s/it, %s %.3f s/it (x%.2f)%s", row["model"], device, precision, base_s,
                 method, method_s, row["ratio"],

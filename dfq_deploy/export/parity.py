@@ -31,9 +31,9 @@ An export passes when both checks below pass; ``report.json`` records the rule, 
    their activations sit on quantization-grid edges more often than other inputs' (measured: 2 calibration
    images of a random-weight DeiT with median error 7e-3 where the 258 probes and the null have 1e-6).
 
-False alarms, measured (``bench/results/parity.json``, ``bench/parity.py``): on 51 correct exports of the bundled
-model and of random-weight DeiT / ViT (avg pool, no class token) / Swin at every deployable preset and several
-seeds, FP16 graphs (and the FP32 float graphs of ``--bits 32``), none of 16,320 inputs disagreed (the largest
+False alarms, measured (``experiments/results/parity.json``, ``experiments/parity.py``): on 51 correct exports of
+the bundled model and of random-weight DeiT / ViT (avg pool, no class token) / Swin at every deployable preset and
+several seeds, FP16 graphs (and the FP32 float graphs of ``--bits 32``), none of 16,320 inputs disagreed (the largest
 error was 0.20 of its tolerance, the largest pooled median 0.54 of its bound; the FP32-graph run before FP16
 became the default had 0.30 and none refused either), so with 288 inputs and a 1% limit a false alarm needs
 at least three inputs beyond ``NULL_FACTOR`` times the largest rounding error of the null.

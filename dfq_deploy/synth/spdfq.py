@@ -28,7 +28,7 @@ image is the mean soft cross-entropy over its semantics' crops. Feeding all ``m`
 step cost ``1 + E[m] = 3.5`` plain images; by default (``crops_per_step=1``) each step feeds one of the
 image's semantics, drawn uniformly, which is an unbiased estimate of the same loss for ``1 + 1`` images
 (``crops_per_step=0`` feeds all ``m``, as the paper's text reads; the accuracy of both is in
-``bench/results/accuracy-deit_tiny_cifar10-synth-ablation.*``).
+``experiments/results/accuracy-deit_tiny_cifar10-synth-ablation.*``).
 
 **Soft-label learning (SL).** Targets are ``softmax(Z)`` with ``Z ~ U(0, 1)^C`` whose entries for the image's
 classes are set to ``U(5, 10)``: the full image's target raises all of its ``m`` classes, a crop's target
@@ -66,7 +66,7 @@ ALPHA1_BY_ARCH: tuple[tuple[str, float], ...] = (
     # The bundled 32x32 model (64 patches). First searched by how many images reach their targets (interim
     # 59% weights, 200 iterations, 32 images): at 1e5 and 1e3 the alignment term swamps the soft-label term
     # and only 16% / 12% of the images are classified as one of their targets, at 100 all of them are. Then
-    # by accuracy on the trained weights (bench/results/accuracy-deit_tiny_cifar10-synth-ablation.*, 3 seeds,
+    # by accuracy on the trained weights (experiments/results/accuracy-deit_tiny_cifar10-synth-ablation.*, 3 seeds,
     # all crops every step, W4A4 / W4A3 / W3A3 simulated top-1): 1e5 69.6 / 55.1 / 52.5, 1e3 72.3 / 62.9 / 62.2,
     # 100 71.2 / 63.7 / 62.1, and 0 (no APA at all) 72.0 / 66.4 / 64.3: on this model the random priors do
     # not help at any weight. 100 stays, so that `spdfq` remains the published method with its APA term.

@@ -1,4 +1,4 @@
-"""Synthesis cost per device (dfq_deploy.bench.synth_cost) and its command, bench/synth_devices.py."""
+"""Synthesis cost per device (dfq_deploy.bench.synth_cost) and its command, experiments/synth_devices.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dfq_deploy.bench.synth_cost import TARGET_RATIO, device_row
 from dfq_deploy.models import ModelSpec, create_model, data_config
 from tests.conftest import TINY_KWARGS
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "synth_devices.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "synth_devices.py"
 TINY = "img_size=32,patch_size=4,depth=2,num_classes=10"
 
 
@@ -24,7 +24,8 @@ def test_device_row_on_the_cpu(precision: str) -> None:
     model = create_model(ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True))
     row = device_row(model, data_config(model), "dfqvit", num_samples=4, iters=2, warmup=1, precision=precision)
     assert row["device"]["device"] == "cpu" and row["precision"] == precision
-    assert len(row["baseline_times_s"]) == 3 and len(row["method_times_s"]) == 3  # warm-up + timed + one more
+    assert len(row["baseline_times_s"]["before"]) == 3 and len(row["baseline_times_s"]["after"]) == 2
+    assert len(row["method_times_s"]) == 3  # warm-up + timed + one more
     assert row["ratio"] == pytest.approx(row["method_s_per_it"] / row["baseline_s_per_it"])
     assert row["meets_target"] == (row["ratio"] <= TARGET_RATIO)
     assert row["options"] == {"global_frac": 0.0} and row["method_peak_bytes"] is None

@@ -6,9 +6,9 @@ own: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS (``ru_maxrss``) on th
 rewritten (atomically) after every row, so an interrupted run keeps what it measured.
 
 Usage:
-    python bench/synth_devices.py --device cuda            # GPU rows, fp32 and bf16: under 5 minutes on a desktop GPU
-    python bench/synth_devices.py --device cpu --threads 2 --iters 2 --precisions fp32   # the committed CPU rows
-Writes ``bench/results/synth-devices-<device>.json`` and ``.md``.
+    python experiments/synth_devices.py --device cuda     # GPU rows, fp32 and bf16: under 5 minutes on a desktop GPU
+    python experiments/synth_devices.py --device cpu --threads 2 --iters 2 --precisions fp32   # the committed CPU rows
+Writes ``experiments/results/synth-devices-<device>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output)
     stem = f"synth-devices-{device.type}"
     result: dict[str, Any] = {
-        "command": "python bench/synth_devices.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python experiments/synth_devices.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "note": args.note, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "rows": [],
     }

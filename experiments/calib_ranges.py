@@ -13,15 +13,14 @@ twice; made and saved here when missing):
    correction and the gap lies in the ranges.
 
 Usage:
-    python bench/calib_ranges.py --threads 1        # the committed result (README, "Where the gap is")
-Writes ``bench/results/calib-ranges-<model>.json`` and ``.md``.
+    python experiments/calib_ranges.py --threads 1        # the committed result (README, "Where the gap is")
+Writes ``experiments/results/calib-ranges-<model>.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
 import math
 import sys
@@ -45,10 +44,9 @@ logger = logging.getLogger("calib_ranges")
 
 
 def _grid_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    from dfq_deploy.bench import grid
+
+    return grid
 
 
 def quantizer_kind(name: str) -> str:

@@ -14,9 +14,9 @@ For each export: passed or not, inputs beyond rounding, the median and largest p
 and the rounding null (float16 for the FP16 graphs the export writes by default, float64 for FP32
 graphs). Usage (the committed results were made with)::
 
-    python bench/parity.py --threads 2
+    python experiments/parity.py --threads 2
 
-Writes ``bench/results/parity.json`` and prints one line per export.
+Writes ``experiments/results/parity.json`` and prints one line per export.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compute cost of data-free synthesis and of the closed-form corrections, measured in one process.
 
-Three measurements, written to ``bench/results/cost-<model>.json`` (atomically) and printed as tables:
+Three measurements, written to ``experiments/results/cost-<model>.json`` (atomically) and printed as tables:
 
 1. **Synthesis cost per iteration vs a plain forward+backward.** For every registered synthesis method
    (``spdfq`` twice: Multi-Semantic Reinforcement off and on) the real code path
@@ -23,9 +23,9 @@ Three measurements, written to ``bench/results/cost-<model>.json`` (atomically) 
    seconds/iteration x the method's default iteration count.
 
 Usage:
-    OMP_NUM_THREADS=1 python bench/cost.py --threads 1                # bundled model, 32 images
-    OMP_NUM_THREADS=1 python bench/cost.py --threads 1 --skip-memory --repeats 2 --note "busy machine"
-    python bench/cost.py --model deit_t --model-kwargs img_size=32,patch_size=4,depth=1,num_classes=10 \\
+    OMP_NUM_THREADS=1 python experiments/cost.py --threads 1                # bundled model, 32 images
+    OMP_NUM_THREADS=1 python experiments/cost.py --threads 1 --skip-memory --repeats 2 --note "busy machine"
+    python experiments/cost.py --model deit_t --model-kwargs img_size=32,patch_size=4,depth=1,num_classes=10 \\
         --random-weights --num-samples 2 --repeats 1 --iters 5 --warmup 1 --skip-memory   # harness test
 """
 
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.stdout.write(json.dumps(out) + "\n")
         return out
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    command = shlex.join(["python", *sys.argv] if argv is None else ["python", "bench/cost.py", *argv])
+    command = shlex.join(["python", "experiments/cost.py", *(sys.argv[1:] if argv is None else argv)])
     vs = variants()
     if args.methods != "all":
         wanted = args.methods.split(",")

@@ -21,9 +21,9 @@ after every epoch into ``--workdir``; running the same command again resumes whe
 writes the best epoch's weights (fp16 safetensors) and the training log into the package.
 
 Usage:
-    python bench/train_teacher.py --epochs 50                # train / resume
-    python bench/train_teacher.py --epochs 22 --warmup-epochs 1 --mix-prob 0.3 --init-from W.safetensors
-    python bench/train_teacher.py --export                   # copy best weights + log into dfq_deploy/weights
+    python experiments/train_teacher.py --epochs 50                # train / resume
+    python experiments/train_teacher.py --epochs 22 --warmup-epochs 1 --mix-prob 0.3 --init-from W.safetensors
+    python experiments/train_teacher.py --export                   # copy best weights + log into dfq_deploy/weights
 """
 
 from __future__ import annotations

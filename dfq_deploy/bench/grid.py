@@ -1,5 +1,8 @@
 """Accuracy grid: every calibration source x every preset x several seeds, on the artifact that ships.
 
+The harness behind ``experiments/accuracy.py`` (which only calls :func:`main`), and the cache, cells and
+summaries other experiments read (``experiments/calib_ranges.py``).
+
 Deployable presets (W8A8, W4A16, W3A16, W2A16) are exported to QDQ ONNX and evaluated in ONNX Runtime (CPU,
 optimizations on, INT4 MatMulNBits at accuracy level 0 so activations stay float). Research presets (W3A3,
 W4A3, W4A4, W5A5, W6A6: every matmul input quantized, MSE ranges; ``--log2`` adds log2 softmax variants) have
@@ -14,12 +17,12 @@ where it stopped, and two processes with disjoint ``--sources`` can share the wo
 sources then only assembles the table). ``--fresh`` ignores saved cells.
 
 Usage:
-    python bench/accuracy.py                       # full grid on the bundled model, 3 seeds, all of dev
-    python bench/accuracy.py --synth-iters 200 --limit 1000 --threads 1   # the committed results (README)
-    python bench/accuracy.py --quick               # one seed, 500 images, 100 synthesis iterations (< 10 min)
-    python bench/accuracy.py --smoke --model deit_t --model-kwargs img_size=32,patch_size=4,depth=1,num_classes=10 \
-        --random-weights                           # two cells, a few images: the harness test
-Writes ``bench/results/accuracy-<model>[-quick].json``, ``.md`` and ``.png``.
+    python experiments/accuracy.py                       # full grid on the bundled model, 3 seeds, all of dev
+    python experiments/accuracy.py --synth-iters 200 --limit 1000 --threads 1   # the committed results (README)
+    python experiments/accuracy.py --quick               # one seed, 500 images, 100 synthesis iterations (< 10 min)
+    python experiments/accuracy.py --smoke --model deit_t \
+        --model-kwargs img_size=32,patch_size=4,depth=1,num_classes=10 --random-weights   # harness test
+Writes ``experiments/results/accuracy-<model>[-quick].json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from dfq_deploy.synth.checkpoint import model_fingerprint, save_checkpoint
 from dfq_deploy.synth.loop import SYNTH_REVISION
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-logger = logging.getLogger("bench.accuracy")
-ROOT = Path(__file__).resolve().parent
+logger = logging.getLogger(__name__)
+#: Where the committed results live in a source checkout (``experiments/results``); ``--output`` elsewhere.
+DEFAULT_OUTPUT = Path("experiments") / "results"
 DEPLOYABLE = ["W8A8", "W4A16", "W3A16", "W2A16"]
 SIMULATED = ["W6A6", "W5A5", "W4A4", "W4A3", "W3A3"]
 EXTRA_SIMULATED = ["W4A8"]  # not in the default grid; for the reparameterisation comparison
@@ -88,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synth-iters", type=int, default=None, help="override synthesis iterations")
     p.add_argument("--quick", action="store_true", help="one seed, 500 images, 100 synthesis iterations")
     p.add_argument("--smoke", action="store_true", help="two cells, a few images (harness test)")
-    p.add_argument("--output", default=str(ROOT / "results"))
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT))
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all cores)")
     p.add_argument("--device", default=DEVICE_CHOICES[0],
                    help="where synthesis, calibration and corrections run: auto, cpu, cuda or cuda:N")
@@ -400,7 +404,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(md)
     print(f"wrote {stem}.json/.md/.png")
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -11,8 +11,8 @@ scale). The tiny Swin has random weights (no trained Swin is bundled): its top-1
 figures are the informative ones.
 
 Usage (the committed results were made with):
-    python bench/dtype.py --threads 2
-Writes ``bench/results/dtype.json`` and prints a table.
+    python experiments/dtype.py --threads 2
+Writes ``experiments/results/dtype.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MODELS = {
 
 def logits(onnx_path: Path, images: torch.Tensor, threads: int | None) -> np.ndarray:
     """ONNX Runtime's logits of ``images`` (optimizations on, as deployed; float activations as in
-    ``bench/accuracy.py``)."""
+    ``experiments/accuracy.py``)."""
     session = ort_session(str(onnx_path), threads=threads, config=FLOAT_ACTIVATIONS)
     return run_session(session, images, batch_size=250).astype(np.float64)
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"command": "python " + " ".join(["bench/dtype.py", *(argv if argv is not None else sys.argv[1:])]),
+    result = {"command": "python " + " ".join(["experiments/dtype.py", *(argv if argv is not None else sys.argv[1:])]),
               "calibration": {"source": DEFAULT_CALIB, "num_samples": args.num_samples,
                               "synth_iters": args.synth_iters},
               "tolerance_points": TOLERANCE_POINTS, "created": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -1,7 +1,7 @@
 """Size and ONNX Runtime CPU speed of the exported graphs: FP32 vs W8A8 vs W4A16 (and W3A16 for size).
 
 Every graph is FP32-typed (``--dtype fp32``, the export for CPU runtimes): ONNX Runtime on a CPU fuses FP32 Q/DQ
-graphs into integer kernels, FP16 ones only in part (``bench/results/ort-cpu-dtype-*``).
+graphs into integer kernels, FP16 ones only in part (``experiments/results/ort-cpu-dtype-*``).
 
 For each model, exports every preset with ``dfq-deploy``'s pipeline (noise calibration, 32 images), records
 the ONNX file sizes and their ratio to FP32, then times the graphs in ONNX Runtime (optimizations on, which is
@@ -9,8 +9,8 @@ what a user deploys) **interleaved** in one process (A B C A B C ...) at batch 1
 kernels ORT fused the QDQ graph into (op histogram of ORT's optimized graph).
 
 Usage (the committed results were made with):
-    python bench/export_bench.py --models deit_tiny_cifar10 deit_t --threads 2 --iters 60
-Writes ``bench/results/export-<model>.json`` and prints a table.
+    python experiments/export_bench.py --models deit_tiny_cifar10 deit_t --threads 2 --iters 60
+Writes ``experiments/results/export-<model>.json`` and prints a table.
 """
 
 from __future__ import annotations

@@ -1,29 +1,19 @@
-"""The accuracy benchmark's --smoke path on a tiny random model, so the harness cannot rot."""
+"""The accuracy grid (dfq_deploy.bench.grid) on its --smoke path with a tiny random model, so it cannot rot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import timm
 from safetensors.torch import save_file
 
+from dfq_deploy.bench import grid
 from tests.conftest import make_image_folder
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_smoke_grid(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
-    mod = _load()
+    mod = grid
     kwargs = "img_size=32,patch_size=4,depth=1,num_classes=10"
     ckpt = tmp_path / "tiny.safetensors"  # fixed random weights, so the resumed run finds the same cache key
     save_file(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=1,
@@ -78,7 +68,7 @@ def test_smoke_grid(tmp_path, monkeypatch):
 
 
 def test_gap_closed():
-    mod = _load()
+    mod = grid
     rows = [{"preset": "W4A4", "source": s, "top1_mean": v}
             for s, v in [("noise", 0.50), ("real", 0.70), ("spdfq", 0.66), ("psaq", 0.55)]]
     rows.append({"preset": "W8A8", "source": "noise", "top1_mean": 0.7})  # no real cell: no gap
@@ -91,7 +81,7 @@ def test_gap_closed():
 def test_cached_sets_carry_the_method_revision(monkeypatch):
     from dfq_deploy.synth import METHODS
 
-    key = _load().CellCache.source_key
+    key = grid.CellCache.source_key
     assert key("noise") == "noise" and key("real") == "real"  # not synthesis methods: no revision
     assert key("psaq") == "psaq"  # revision 0 keeps the names of sets cached before revisions existed
     assert key("spdfq") == "spdfq@r1" and key("spdfq:msr=false") == "spdfq:msr=false@r1"
