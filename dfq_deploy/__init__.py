@@ -1,7 +1,7 @@
 """dfq-deploy: data-free quantization of Vision Transformers, deployed as TensorRT-ready QDQ ONNX.
 
-The public API is re-exported here lazily, so that importing a PyTorch-only module (``dfq_deploy.calib``)
-never pulls in onnx or TensorRT.
+The public API is re-exported here lazily, so that importing a PyTorch-only module (``dfq_deploy.synth``,
+``dfq_deploy.quant``) never pulls in onnx or TensorRT.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: atomic file writes and JSON output."""
+"""Small helpers shared by every stage: atomic file writes, JSON output, figures as PNG bytes."""
 
 from __future__ import annotations
 
@@ -51,3 +51,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def figure_png(fig: Any, dpi: int = 110, tight: bool = False) -> bytes:
+    """A matplotlib figure as PNG bytes (to write atomically); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    finally:
+        plt.close(fig)
+    return buf.getvalue()

@@ -54,7 +54,7 @@ from dfq_deploy.quant.recipe import quantize_
 from dfq_deploy.synth import METHODS, SOURCES, CalibRequest
 from dfq_deploy.synth.checkpoint import model_fingerprint, save_checkpoint
 from dfq_deploy.synth.loop import SYNTH_REVISION
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, figure_png
 
 logger = logging.getLogger(__name__)
 #: Where the committed results live in a source checkout (``experiments/results``); ``--output`` elsewhere.
@@ -361,7 +361,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -385,10 +384,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['model']['name']}: accuracy by bit width and calibration source")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=110))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -273,23 +273,15 @@ class OrtRunner(Runner):
         super().__init__(path, name)
         import onnxruntime as ort
 
+        from dfq_deploy.export.ort import ort_session
+
         self._tmp = Path(tempfile.mkdtemp(prefix="dfq-bench-ort-"))
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = int(threads) if threads else 0
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
         optimized = self._tmp / "optimized.onnx"
-        so.optimized_model_filepath = str(optimized)
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=so,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
+        try:  # the one session factory: all optimizations, sequential, what a user deploys
+            self.session = ort_session(path, threads=threads, optimized_path=optimized)
+        except DfqError:
             shutil.rmtree(self._tmp, ignore_errors=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DfqError(f"ONNX Runtime cannot load {path}: {first} "
-                           "(check the file is a valid ONNX model)") from exc
+            raise
         inp = self.session.get_inputs()[0]
         if len(self.session.get_inputs()) != 1:
             logger.warning("%s has %d inputs; only the first (%s) is fed, the benchmark may fail",

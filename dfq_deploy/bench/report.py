@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dfq_deploy.errors import DfqError, MissingDependencyError
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, figure_png
 
 logger = logging.getLogger(__name__)
 
@@ -439,9 +439,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=120, tight=True))
     return path
 
 

@@ -16,7 +16,7 @@ FLOAT_ACTIVATIONS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bool = True, gpu: bool = False,
-                config: dict[str, str] | None = None):
+                config: dict[str, str] | None = None, optimized_path: str | Path | None = None):
     """An ONNX Runtime ``InferenceSession``.
 
     Args:
@@ -27,6 +27,7 @@ def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bo
         gpu: also request the TensorRT and CUDA execution providers, in that order, where this ONNX Runtime
             build has them (a warning names the ones it lacks); CPU is always the last provider.
         config: extra session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
+        optimized_path: also write the optimized graph there (the latency benchmark reads which nodes ORT fused).
 
     Raises:
         DfqError: the file is missing or ONNX Runtime cannot load it.
@@ -49,6 +50,10 @@ def ort_session(path: str | Path | Any, threads: int | None = None, optimize: bo
         if threads < 1:
             raise DfqError(f"threads {threads} must be >= 1")
         so.intra_op_num_threads = int(threads)
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     providers = ["CPUExecutionProvider"]

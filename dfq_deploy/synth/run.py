@@ -36,7 +36,7 @@ from dfq_deploy.synth.checkpoint import jsonable_cfg, load_checkpoint
 from dfq_deploy.synth.loop import SynthResult, synthesize
 from dfq_deploy.synth.method import method_options
 from dfq_deploy.synth.options import SynthOptions
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +246,7 @@ def write_loss_plot(history: list[dict[str, Any]], path: str | Path, title: str 
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, figure_png(fig, dpi=100))
 
 
 def load_synth_dir(path: str | Path, data_cfg: dict[str, Any] | None = None) -> CalibSet:

@@ -12,6 +12,7 @@ from torch import nn
 from dfq_deploy.device import model_device
 from dfq_deploy.quant.correct.capture import batches, eval_mode, num_prefix_tokens
 from dfq_deploy.quant.qmodel import quant_disabled, transformer_blocks
+from dfq_deploy.utils import figure_png
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def plot_block_errors(report: dict[str, Any], title: str | None = None) -> bytes
     except ImportError:
         logger.warning("matplotlib is not installed: no error plot (pip install 'dfq-deploy[plot]')")
         return None
-    import io
 
     fig, (ax_mse, ax_cos) = plt.subplots(1, 2, figsize=(10, 3.8))
     try:
@@ -132,8 +132,7 @@ def plot_block_errors(report: dict[str, Any], title: str | None = None) -> bytes
             ax.legend(fontsize=8)
         fig.suptitle(title or f"correction: {report.get('mode', '?')}")
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        return buf.getvalue()
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return figure_png(fig, dpi=110)

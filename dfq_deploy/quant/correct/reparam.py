@@ -25,13 +25,13 @@ Apply it to the float model *before* weights and activations are calibrated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from dfq_deploy.device import model_device
+from dfq_deploy.quant.correct.capture import batches
 from dfq_deploy.quant.qmodel import QuantLinear, quant_disabled, transformer_blocks
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,6 @@ def layernorm_linear_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, nn
                 continue
             pairs.append((names[id(norm)], norm, lin))
     return pairs
-
-
-def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, len(images), batch_size):
-        yield images[i : i + batch_size]
 
 
 @torch.no_grad()
@@ -110,9 +105,8 @@ def reparam_layernorm_(
     model.eval()
     try:
         with quant_disabled(model):
-            dev = model_device(model)
-            for x in _batches(images, batch_size):
-                model(x.to(dev))
+            for x in batches(images, batch_size, model_device(model)):
+                model(x)
     finally:
         for h in handles:
             h.remove()
