@@ -45,8 +45,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                    help=f"where the PyTorch work runs: {', '.join(DEVICE_CHOICES)} or cuda:N (default "
                         f"{DEVICE_CHOICES[0]}: CUDA when torch sees a GPU, else the CPU)")
     p.add_argument("--synth-dtype", choices=SYNTH_PRECISIONS,
-                   help=f"synthesis compute precision: {SYNTH_PRECISIONS[0]} (default) or {SYNTH_PRECISIONS[1]} "
-                        "autocast; ranges, corrections and parity are float32 either way")
+                   help="synthesis compute precision: bf16 autocast or fp32 (default: bf16 on a CUDA GPU that has "
+                        "it, fp32 elsewhere); ranges, corrections and parity are float32 either way")
 
 
 def _spec(args: argparse.Namespace):

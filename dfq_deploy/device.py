@@ -81,6 +81,13 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
+def default_synth_precision(device: torch.device) -> str:
+    """``bf16`` on a CUDA GPU with native bf16 (compute capability >= 8.0), ``fp32`` elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """``bf16`` -> ``torch.bfloat16``; ``fp32`` -> None (no autocast)."""
     if precision not in SYNTH_PRECISIONS:

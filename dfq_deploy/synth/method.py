@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dfq_deploy.device import model_device
+from dfq_deploy.device import default_synth_precision, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.attn import is_swin, probe_attention
 from dfq_deploy.synth.base import SOURCES, CalibRequest, CalibSet, register_synthesizer
@@ -96,6 +96,8 @@ class SynthMethod:
             changes["lr"] = LR_SWIN if self.swin else LR_VIT
         if opts.jitter is None:
             changes["jitter"] = max(1, self.input_size[1] // 16)
+        if opts.precision is None:
+            changes["precision"] = default_synth_precision(self.device)
         return opts.with_(**changes) if changes else opts
 
     def stages(self) -> list[Stage]:
