@@ -36,3 +36,29 @@ def test_load_images_normalises(tmp_path):
 def test_image_folder_errors(tmp_path, make, message):
     with pytest.raises(DfqError, match=message):
         ImageFolder(make(tmp_path / "x"))
+
+
+def test_one_reader_of_saved_calibration_images(tmp_path):
+    import numpy as np
+    import pytest
+    from safetensors.numpy import save_file
+
+    from dfq_deploy.data import calib_images_header, read_calib_images
+    from dfq_deploy.errors import DfqError
+
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    t = np.eye(3, 10, dtype=np.float32)
+    save_file({"images": x, "targets": t}, str(tmp_path / "images.safetensors"))
+    assert calib_images_header(tmp_path / "images.safetensors") == (3, (3, 8, 8))
+    images, targets = read_calib_images(tmp_path / "images.safetensors")
+    assert np.array_equal(images, x) and np.array_equal(targets, t) and images.flags["C_CONTIGUOUS"]
+    save_file({"images": x.astype(np.float16)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(DfqError, match="expected float32"):
+        read_calib_images(tmp_path / "half.safetensors")
+    x[0, 0, 0, 0] = np.nan
+    save_file({"images": x}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(DfqError, match="NaN or Inf.*re-run"):
+        read_calib_images(tmp_path / "nan.safetensors", fix="re-run it")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DfqError, match="is corrupt, not a readable safetensors"):
+        calib_images_header(tmp_path / "junk.safetensors")

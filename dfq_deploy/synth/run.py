@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dfq_deploy.data import CALIB_IMAGES_FILE, read_calib_images
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.base import CalibSet
 from dfq_deploy.synth.checkpoint import jsonable_cfg, load_checkpoint
@@ -40,7 +41,7 @@ from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png
 
 logger = logging.getLogger(__name__)
 
-IMAGES_FILE = "images.safetensors"
+IMAGES_FILE = CALIB_IMAGES_FILE
 CONFIG_FILE = "config.json"
 LOSS_FILE = "loss.json"
 SHEET_FILE = "contact_sheet.png"
@@ -285,18 +286,9 @@ def load_synth_dir(path: str | Path, data_cfg: dict[str, Any] | None = None) -> 
         raise DfqError(f"{cfg_file} is corrupt ({exc}): re-run `dfq-deploy synth`") from exc
     if config.get("format") != SYNTH_FORMAT:
         raise DfqError(f"{cfg_file} is not a dfq-deploy synthesis config")
-    try:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(img_file))
-    except Exception as exc:
-        raise DfqError(f"{img_file} is corrupt ({type(exc).__name__}): re-run `dfq-deploy synth`") from exc
-    images = tensors.get("images")
-    if images is None or images.ndim != 4 or not images.is_floating_point():
-        raise DfqError(f"{img_file} holds no float 'images' tensor [N, C, H, W]: re-run `dfq-deploy synth`")
-    if not torch.isfinite(images).all():
-        raise DfqError(f"{img_file} contains NaN or inf pixels: re-run `dfq-deploy synth`")
-    targets = tensors.get("targets")
+    arr, tgt = read_calib_images(img_file, fix="re-run `dfq-deploy synth`")  # the one reader of saved images
+    images = torch.from_numpy(arr)
+    targets = None if tgt is None else torch.from_numpy(np.ascontiguousarray(tgt, dtype=np.float32))
     if targets is not None and (targets.ndim != 2 or len(targets) != len(images)):
         raise DfqError(f"{img_file}: 'targets' {tuple(targets.shape)} does not match {len(images)} images")
     if data_cfg is not None:

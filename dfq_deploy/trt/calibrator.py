@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from dfq_deploy.data import CALIB_IMAGES_FILE, CALIB_IMAGES_KEY, calib_images_header, read_calib_images
 from dfq_deploy.errors import DfqError
 from dfq_deploy.utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 #: File inside ``--calib-from DIR`` holding the saved synthetic calibration images.
-CALIB_IMAGES_FILE = "images.safetensors"
-CALIB_IMAGES_KEY = "images"
 
 
 # --- calibration (plain Python) ---------------------------------------------------------------------------
@@ -109,24 +108,7 @@ def inspect_calib_images(calib_dir: str | Path) -> tuple[int, tuple[int, int, in
     Raises:
         DfqError: folder or file missing, corrupt file, no ``images`` key, wrong dtype or rank.
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = _calib_file(calib_dir)
-    try:
-        with safe_open(str(path), framework="np") as f:
-            if CALIB_IMAGES_KEY not in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                raise DfqError(f"{path} has no '{CALIB_IMAGES_KEY}' tensor (keys: {list(f.keys())}): save "
-                               f"the calibration images under the key '{CALIB_IMAGES_KEY}'")
-            sl = f.get_slice(CALIB_IMAGES_KEY)
-            shape, dtype = list(sl.get_shape()), sl.get_dtype()
-    except SafetensorError as exc:
-        raise DfqError(f"{path} is not a readable safetensors file ({exc}): save the calibration images again"
-                       ) from exc
-    if dtype != "F32":
-        raise DfqError(f"{path}: '{CALIB_IMAGES_KEY}' is {dtype}, expected float32 (F32) normalised images")
-    if len(shape) != 4 or shape[0] < 1:
-        raise DfqError(f"{path}: '{CALIB_IMAGES_KEY}' has shape {shape}, expected [N, 3, H, W] with N >= 1")
-    return int(shape[0]), (int(shape[1]), int(shape[2]), int(shape[3]))
+    return calib_images_header(_calib_file(calib_dir))
 
 
 def _calib_file(calib_dir: str | Path) -> Path:
@@ -160,21 +142,13 @@ def load_calib_images(calib_dir: str | Path, input_shape: Sequence[int] | None =
     Raises:
         DfqError: missing folder/file, corrupt file, missing key, wrong dtype/shape, non-finite values.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     n, chw = inspect_calib_images(calib_dir)
     path = _calib_file(calib_dir)
     if input_shape is not None:
         check_calib_shape(chw, tuple(input_shape)[-3:], path)
-    try:
-        arr = load_file(str(path))[CALIB_IMAGES_KEY]
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DfqError(f"{path} could not be read ({exc}): save the calibration images again") from exc
-    if not np.all(np.isfinite(arr)):
-        raise DfqError(f"{path}: calibration images contain NaN or Inf values: regenerate them")
+    images, _ = read_calib_images(path)
     logger.info("loaded %d calibration images %s from %s", n, list(chw), path)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return images
 
 
 def make_int8_calibrator(
