@@ -93,7 +93,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
-    from dfq_deploy.synth import METHODS, run_synthesis
+    from dfq_deploy.synth import METHODS, synthesize_to_dir
 
     spec = _spec(args)
     spec.timm_name  # noqa: B018 - an unknown model fails before anything else
@@ -110,7 +110,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = args.output or f"out/synth-{spec.name}-{args.method}"
     torch.manual_seed(args.seed)  # --random-weights: the same seed builds the same model, so --resume matches
     model = create_model(spec).to(device)
-    calib = run_synthesis(model, data_config(model), args.method, num_samples=args.num_samples, iters=args.iters,
+    calib = synthesize_to_dir(model, data_config(model), args.method, num_samples=args.num_samples, iters=args.iters,
                           output_dir=out, seed=args.seed, resume=args.resume, options=options,
                           progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                           model_info=spec.to_dict())

@@ -34,7 +34,7 @@ from dfq_deploy.config import CalibrationConfig
 from dfq_deploy.export.parity import parity_sets
 from dfq_deploy.models import BUNDLED_ARCH, BUNDLED_WEIGHTS, TINY_CONFIGS, ModelSpec, create_model, data_config
 from dfq_deploy.pipeline import ExportOptions, export_model
-from dfq_deploy.synth import run_synthesis
+from dfq_deploy.synth import synthesize_to_dir
 from dfq_deploy.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def main() -> None:
             torch.manual_seed(seed)
             model = create_model(spec)
             synth = Path(tmp) / f"synth-{seed}"
-            run_synthesis(model, data_config(model), "dfqvit", num_samples=32, iters=200, output_dir=synth,
+            synthesize_to_dir(model, data_config(model), "dfqvit", num_samples=32, iters=200, output_dir=synth,
                           seed=seed, progress=False, model_info=spec.to_dict())
             for bits in (8, 4, 3):
                 t = time.perf_counter()

@@ -4,7 +4,7 @@ Each source is one module that registers a function with :func:`register_synthes
 package imports them all. A source returns a :class:`CalibSet` of images in the model's normalised space.
 
 The optimisation-based synthesizers (``psaq``, ``spdfq``, ``dfqvit``) share one loop
-(:mod:`~dfq_deploy.synth.loop`); :func:`run_synthesis` runs one into an output folder with checkpoints,
+(:mod:`~dfq_deploy.synth.loop`); :func:`synthesize_to_dir` runs one into an output folder with checkpoints,
 and :func:`load_synth_dir` reads such a folder back as a :class:`CalibSet`.
 """
 
@@ -13,7 +13,7 @@ from dfq_deploy.synth.base import SOURCES, CalibRequest, CalibSet, get_source, r
 from dfq_deploy.synth.loop import SynthResult, synthesize
 from dfq_deploy.synth.method import METHODS, method_options
 from dfq_deploy.synth.options import SynthOptions
-from dfq_deploy.synth.run import load_synth_dir, run_synthesis, synthesize_default
+from dfq_deploy.synth.run import load_synth_dir, synthesize_default, synthesize_to_dir
 
 __all__ = [
     "METHODS",
@@ -26,7 +26,7 @@ __all__ = [
     "load_synth_dir",
     "method_options",
     "register_synthesizer",
-    "run_synthesis",
+    "synthesize_to_dir",
     "synthesize_default",
     "synthesize",
 ]

@@ -170,13 +170,13 @@ def synthesize(
     try:
         with synthesis_mode(model):
             m = cls(model, data_cfg, opts)
-            return _run(m, ckpt_path, resume, checkpoint_every, progress, stop_after)
+            return _optimise(m, ckpt_path, resume, checkpoint_every, progress, stop_after)
     finally:
         if target != home:
             model.to(home)
 
 
-def _run(
+def _optimise(
     m: SynthMethod,
     ckpt_path: Path | None,
     resume: bool,

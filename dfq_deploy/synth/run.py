@@ -52,7 +52,7 @@ SYNTH_VERSION = 1
 SHEET_MAX_IMAGES = 64
 
 
-def run_synthesis(
+def synthesize_to_dir(
     model: nn.Module,
     data_cfg: dict[str, Any],
     method: str,
@@ -339,7 +339,7 @@ def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32,
 
     torch.manual_seed(0)  # random-weight models: the same weights as the export job builds
     model = create_model(spec).to(resolve_device(device))
-    run_synthesis(model, data_config(model), DEFAULT_CALIB, num_samples=num_samples,
+    synthesize_to_dir(model, data_config(model), DEFAULT_CALIB, num_samples=num_samples,
                   iters=iters or DEFAULT_SYNTH_ITERS, output_dir=output_dir, seed=0, resume=True, progress=progress,
                   model_info=spec.to_dict())
     return Path(output_dir)

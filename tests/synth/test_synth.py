@@ -20,8 +20,8 @@ from dfq_deploy.synth import (
     CalibRequest,
     get_source,
     load_synth_dir,
-    run_synthesis,
     synthesize,
+    synthesize_to_dir,
 )
 from dfq_deploy.synth import psaq as psaq_mod
 from dfq_deploy.synth.checkpoint import load_checkpoint
@@ -270,7 +270,7 @@ def test_non_vit_models_are_refused(cfg):
 # --- the output folder ------------------------------------------------------------------------------------
 def test_run_synthesis_writes_a_loadable_folder(model, cfg, tmp_path):
     out = tmp_path / "synth"
-    calib = run_synthesis(
+    calib = synthesize_to_dir(
         model,
         cfg,
         "spdfq",
@@ -307,8 +307,8 @@ def test_run_synthesis_writes_a_loadable_folder(model, cfg, tmp_path):
     assert back.meta["method"] == "spdfq" and back.meta["iterations"] == 6
 
     with pytest.raises(DfqError, match="--resume"):
-        run_synthesis(model, cfg, "spdfq", num_samples=5, iters=6, output_dir=out, seed=2, progress=False)
-    again = run_synthesis(
+        synthesize_to_dir(model, cfg, "spdfq", num_samples=5, iters=6, output_dir=out, seed=2, progress=False)
+    again = synthesize_to_dir(
         model, cfg, "spdfq", num_samples=5, iters=6, output_dir=out, seed=2, progress=False, resume=True
     )
     assert torch.equal(again.images, calib.images)
@@ -316,12 +316,12 @@ def test_run_synthesis_writes_a_loadable_folder(model, cfg, tmp_path):
 
 def test_run_synthesis_resume_finishes_an_interrupted_folder(model, cfg, tmp_path):
     out = tmp_path / "synth"
-    part = run_synthesis(model, cfg, "psaq", num_samples=3, iters=6, output_dir=out, progress=False, stop_after=3)
+    part = synthesize_to_dir(model, cfg, "psaq", num_samples=3, iters=6, output_dir=out, progress=False, stop_after=3)
     assert part.meta["complete"] is False
     with pytest.raises(DfqError, match=r"has not finished \(iteration 3/6, method psaq\).*--resume"):
         load_synth_dir(out)
-    done = run_synthesis(model, cfg, "psaq", num_samples=3, iters=6, output_dir=out, progress=False, resume=True)
-    ref = run_synthesis(model, cfg, "psaq", num_samples=3, iters=6, output_dir=tmp_path / "ref", progress=False)
+    done = synthesize_to_dir(model, cfg, "psaq", num_samples=3, iters=6, output_dir=out, progress=False, resume=True)
+    ref = synthesize_to_dir(model, cfg, "psaq", num_samples=3, iters=6, output_dir=tmp_path / "ref", progress=False)
     assert torch.equal(done.images, ref.images)
     assert torch.equal(load_synth_dir(out).images, ref.images)
 
@@ -333,7 +333,7 @@ def test_load_synth_dir_reports_clear_errors(model, cfg, tmp_path):
     with pytest.raises(DfqError, match="images.safetensors is missing"):
         load_synth_dir(tmp_path / "empty")
     out = tmp_path / "synth"
-    run_synthesis(model, cfg, "psaq", num_samples=2, iters=2, output_dir=out, progress=False)
+    synthesize_to_dir(model, cfg, "psaq", num_samples=2, iters=2, output_dir=out, progress=False)
     other_cfg = dict(cfg, input_size=(3, 64, 64))
     with pytest.raises(DfqError, match="the model takes"):
         load_synth_dir(out, other_cfg)
@@ -342,7 +342,7 @@ def test_load_synth_dir_reports_clear_errors(model, cfg, tmp_path):
     (out / "config.json").write_text("{not json")
     with pytest.raises(DfqError, match="config.json is corrupt"):
         load_synth_dir(out)
-    run_synthesis(model, cfg, "psaq", num_samples=2, iters=2, output_dir=out, progress=False, resume=True)
+    synthesize_to_dir(model, cfg, "psaq", num_samples=2, iters=2, output_dir=out, progress=False, resume=True)
     (out / "images.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(DfqError, match="images.safetensors is corrupt"):
         load_synth_dir(out)
