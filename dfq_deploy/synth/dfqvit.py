@@ -106,17 +106,21 @@ class DfqvitOptions(SynthOptions):
     """
 
     iterations: int = 1000
+    # the schedule
     global_frac: float = 0.3
     hard_frac: float = 0.2
+    # the global stage
     lowres_factor: int = 4
     global_tv_weight: float = 0.5
     easy_confidence: float = 0.9
+    # the detail stage
     detail_confidence: tuple[float, float] = (0.4, 0.7)
     secondary_classes: int = 2
     background: float = 0.05
     entropy_weight: float = 0.5
     kde_points: int = 16
     kde_max_pairs: int = 4096
+    # the hard stage
     hard_gamma: float = 1.0
     hard_adversarial: float = 0.0
     hard_student: str | dict[str, Any] | None = None
