@@ -91,6 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import torch
 
+    import dfq_deploy.quant  # noqa: F401  (registers dfqvit's fake-quant student for --options hard_student)
     from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
     from dfq_deploy.synth import METHODS, synthesize_to_dir

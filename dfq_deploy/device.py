@@ -83,8 +83,8 @@ def describe_device(device: torch.device) -> dict[str, Any]:
 
 def default_synth_precision(device: torch.device) -> str:
     """``bf16`` on a CUDA GPU with native bf16 (compute capability >= 8.0), ``fp32`` elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bf16"  # native bf16 (is_bf16_supported() also says yes for emulated bf16 on older GPUs)
     return "fp32"
 
 

@@ -196,7 +196,7 @@ class ActQuantizer(nn.Module):
             values = torch.cat([values[torch.randperm(values.numel(), generator=self._observer_gen())[:_MSE_SAMPLES]],
                                 extremes])
         if self.log2:
-            self.scale = torch.tensor(1.0)
+            self.scale = torch.ones((), device=values.device)
         else:
             scale = search_scale(values.unsqueeze(0), self.bits, self.method, self.percentile)[0]
             self.scale = scale.reshape(())

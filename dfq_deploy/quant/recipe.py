@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dfq_deploy.config import CorrectionConfig, QuantConfig
+from dfq_deploy.device import exact_float32
 from dfq_deploy.quant.correct import block_errors, fit_corrections_
 from dfq_deploy.quant.correct.fold import fold_corrections_
 from dfq_deploy.quant.correct.reconstruct import reconstruct_
@@ -61,6 +62,12 @@ def quantize_(
         The report's ``correction`` section: settings, per-block errors against the float model on the held-back
         inputs after each stage (``stages``), a before/after table (``blocks``), per-layer fits and timings.
     """
+    with exact_float32():  # every fit, reconstruction and error report in float32, TF32 off
+        return _recipe(model, config, calib, correction, held, seed, timings)
+
+
+def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, correction: CorrectionConfig | None,
+            held: torch.Tensor | None, seed: int, timings: dict[str, float] | None) -> dict[str, Any]:
     correction = CorrectionConfig() if correction is None else correction
     correct, reparam = correction.mode, correction.reparam
     reconstruct, reconstruct_iters = correction.reconstruct, correction.reconstruct_iters

@@ -49,8 +49,9 @@ class QuantStudent:
 
     def load_scales(self, scales: torch.Tensor) -> None:
         """Set the activation scales saved by :meth:`calibrate`."""
+        device = next(self.model.parameters()).device
         for q, s in zip(self.quantizers, scales, strict=True):
-            q.scale = s.to(q.scale.device, copy=True)
+            q.scale = s.to(device, copy=True)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

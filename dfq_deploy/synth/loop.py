@@ -163,6 +163,10 @@ def synthesize(
     if stop_after is not None and stop_after < 0:
         raise DfqError(f"stop_after={stop_after} must be >= 0")
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if resume and opts.precision is None and ckpt_path is not None and ckpt_path.is_file():
+        # the run goes on in the precision it started with, on whichever device it resumes
+        saved = load_checkpoint(ckpt_path).get("options", {})
+        opts = opts.with_(precision=saved.get("precision", opts.replay_defaults.get("precision")))
     home = model_device(model)
     target = home if device is None else resolve_device(device)
     if target != home:

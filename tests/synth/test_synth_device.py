@@ -112,3 +112,27 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu(model, tmp_path) -> None:
     res = synthesize(model, cfg, "dfqvit", small(), checkpoint_path=ckpt, resume=True, progress=False, device="cpu")
     straight = synthesize(model, cfg, "dfqvit", small(), progress=False, device="cpu")
     assert res.complete and (res.images - straight.images).abs().max() < DEVICE_ATOL
+
+
+def test_resume_keeps_the_precision_the_run_started_with(model, tmp_path) -> None:
+    """precision=None (the device's default) resumes in the checkpoint's precision, on any device."""
+    cfg = data_config(model)
+    ckpt = tmp_path / "ckpt.pt"
+    synthesize(model, cfg, "psaq", small(precision="bf16"), checkpoint_path=ckpt, stop_after=3, progress=False)
+    resumed = synthesize(model, cfg, "psaq", small(), checkpoint_path=ckpt, resume=True, progress=False)
+    straight = synthesize(model, cfg, "psaq", small(precision="bf16"), progress=False)
+    assert resumed.options.precision == "bf16" and torch.equal(resumed.images, straight.images)
+
+
+def test_the_patch_similarity_entropy_stays_float32_under_bf16(model) -> None:
+    from dfq_deploy.synth.attn import AttentionTaps, probe_attention
+    from dfq_deploy.synth.method import synthesis_mode
+    from dfq_deploy.synth.psaq import patch_similarity_entropy
+
+    blocks, _ = probe_attention(model, (3, 32, 32))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with synthesis_mode(model), AttentionTaps(model, outputs=True) as taps, \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        ent = patch_similarity_entropy(taps, blocks, 2, [None] * len(blocks), 16, None)
+    assert ent.dtype == torch.float32 and torch.isfinite(ent).all()
