@@ -43,7 +43,7 @@ def test_one_reader_of_saved_calibration_images(tmp_path):
     import pytest
     from safetensors.numpy import save_file
 
-    from dfq_deploy.data import calib_images_header, read_calib_images
+    from dfq_deploy.calib_images import calib_images_header, read_calib_images
     from dfq_deploy.errors import DfqError
 
     x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)

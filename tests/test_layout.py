@@ -12,7 +12,8 @@ PKG = Path(__file__).resolve().parents[1] / "dfq_deploy"
 #: Stage of each top-level part of the package, in pipeline order; a module may import its own stage or an
 #: earlier one. Shared helpers come first; the job, the CLI and the package's lazy API last.
 STAGES = {
-    **dict.fromkeys(("errors", "registry", "utils", "config", "device", "models", "data", "weights"), 0),
+    **dict.fromkeys(("errors", "registry", "utils", "config", "device", "models", "data", "calib_images",
+                     "weights"), 0),
     "synth": 1, "quant": 2, "export": 3, "trt": 4, "bench": 5,
     **dict.fromkeys(("pipeline", "acceptance", "cli", "__main__", "__init__"), 6),
 }

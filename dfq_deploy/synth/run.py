@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfq_deploy.data import CALIB_IMAGES_FILE, read_calib_images
+from dfq_deploy.calib_images import CALIB_IMAGES_FILE, read_calib_images
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.base import CalibSet
 from dfq_deploy.synth.checkpoint import jsonable_cfg, load_checkpoint

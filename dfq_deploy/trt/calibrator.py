@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dfq_deploy.data import CALIB_IMAGES_FILE, CALIB_IMAGES_KEY, calib_images_header, read_calib_images
+from dfq_deploy.calib_images import CALIB_IMAGES_FILE, CALIB_IMAGES_KEY, calib_images_header, read_calib_images
 from dfq_deploy.errors import DfqError
 from dfq_deploy.utils import atomic_write_bytes
 

@@ -112,10 +112,6 @@ class ExecSlot:
         self._stream = cuda.stream_create()
         self._events = [cuda.event_create() for _ in range(4)]
 
-    @property
-    def has_graph(self) -> bool:
-        return self._graph is not None
-
     def close(self) -> None:
         """Free the graph, buffers, events and stream, and release the context (safe to call twice).
 
