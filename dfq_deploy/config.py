@@ -16,6 +16,11 @@ from dfq_deploy.errors import DfqError
 CONFIG_VERSION = 1
 RangeMethod = Literal["minmax", "percentile", "mse"]
 _RANGES = ("minmax", "percentile", "mse")
+#: Activation grids: ``symmetric`` (zero point 0, deployable) or ``asymmetric`` (affine, simulation only).
+A_GRIDS = ("symmetric", "asymmetric")
+#: Where activation ranges are observed: ``float`` (the full-precision model) or ``sequential`` (each block's
+#: quantizers on the inputs the quantized model gives them, block by block in forward order).
+A_CALIBS = ("float", "sequential")
 
 
 OptionsT = TypeVar("OptionsT", bound="JsonConfig")
@@ -66,7 +71,13 @@ class QuantConfig(JsonConfig):
             Q, K, softmax output and V); ``linear`` only the inputs of Linear layers.
         a_range: how per-tensor activation ranges are chosen.
         a_percentile: percentile of |x| used when ``a_range`` is ``percentile``.
+        a_grid: activation grid, :data:`A_GRIDS`: ``symmetric`` (zero point 0, what TensorRT runs) or
+            ``asymmetric`` (an affine grid whose zero point follows the range; simulation only).
+        a_calib: where activation ranges are observed, :data:`A_CALIBS`: on the ``float`` model, or
+            ``sequential``: block by block on the inputs the quantized model gives each block (RepQ-ViT).
         attn_log2: quantize the softmax output with a log2 quantizer (simulation only).
+        io_bits: bits of the patch embedding and the classifier head, weights (per channel) and inputs, as in the
+            papers' tables; None keeps both in float (simulation only when set).
         head_w_bits: bits of the classifier head's weights (per output channel, weight-only), or None to keep
             the head in float. Weight-only presets store it as INT8: for a 1000-class head that is most of what
             stays in float.
@@ -82,7 +93,10 @@ class QuantConfig(JsonConfig):
     a_scope: Literal["matmul", "linear"] = "matmul"
     a_range: RangeMethod = "percentile"
     a_percentile: float = 99.99
+    a_grid: str = "symmetric"
+    a_calib: str = "float"
     attn_log2: bool = False
+    io_bits: int | None = None
     head_w_bits: int | None = None
     version: int = CONFIG_VERSION
 
@@ -93,6 +107,12 @@ class QuantConfig(JsonConfig):
             raise DfqError(f"w_bits={self.w_bits} is out of range: use 2..8 or None")
         if self.a_bits is not None and not 2 <= self.a_bits <= 8:
             raise DfqError(f"a_bits={self.a_bits} is out of range: use 2..8 or None")
+        if self.io_bits is not None and not 2 <= self.io_bits <= 8:
+            raise DfqError(f"io_bits={self.io_bits} is out of range: use 2..8 or None")
+        if self.a_grid not in A_GRIDS:
+            raise DfqError(f"a_grid '{self.a_grid}' is unknown: use one of {', '.join(A_GRIDS)}")
+        if self.a_calib not in A_CALIBS:
+            raise DfqError(f"a_calib '{self.a_calib}' is unknown: use one of {', '.join(A_CALIBS)}")
         if self.head_w_bits is not None and not 2 <= self.head_w_bits <= 8:
             raise DfqError(f"head_w_bits={self.head_w_bits} is out of range: use 2..8 or None")
         if self.w_granularity not in ("per_channel", "blockwise"):
@@ -111,10 +131,19 @@ class QuantConfig(JsonConfig):
         if self.version != CONFIG_VERSION:
             raise DfqError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
 
+    #: Fields added after the first release, left out of :meth:`key_dict` while at their defaults (which behave as
+    #: before they existed), so that cached results keyed on a config stay valid.
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("a_grid", "a_calib", "io_bits")
+
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the later fields that are at their defaults: what result caches key on."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in self.to_dict().items() if k not in self._LATER_FIELDS or v != defaults[k]}
+
     @property
     def deployable(self) -> bool:
         """True when TensorRT (and ONNX Runtime) can run this preset as real integer kernels."""
-        if self.attn_log2:
+        if self.attn_log2 or self.a_grid != "symmetric" or self.io_bits is not None:
             return False
         if self.a_bits is None:  # weight-only: INT8 per-channel or 2..4 bits in an INT4 container
             return self.w_bits is None or self.w_bits == 8 or self.w_bits <= 4
@@ -138,6 +167,12 @@ def _sim(name: str, w: int, a: int) -> QuantConfig:
     return QuantConfig(name=name, w_bits=w, w_granularity=gran, a_bits=a, a_scope="matmul", a_range="mse")
 
 
+def _paper(w: int, a: int) -> QuantConfig:
+    """The data-free ViT papers' protocol (PSAQ-ViT, SPDFQ Table 2, RepQ-ViT): asymmetric activations, a log2
+    softmax, the patch embedding and head at 8 bits."""
+    return _sim(f"W{w}A{a}-paper", w, a).with_(a_grid="asymmetric", attn_log2=True, io_bits=8)
+
+
 #: ``export``'s calibration source: the data-free method that did best in the accuracy benchmark
 #: (``experiments/results/accuracy-deit_tiny_cifar10.md``).
 DEFAULT_CALIB = "dfqvit"
@@ -147,7 +182,8 @@ DEFAULT_SYNTH_ITERS = 200
 
 
 #: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16. Simulated: W3A3, W4A3, W4A4, W5A5, W6A6, W4A8
-#: (4-bit weights with INT8 activations: TensorRT has no such kernel for explicit QDQ graphs).
+#: (4-bit weights with INT8 activations: TensorRT has no such kernel for explicit QDQ graphs), and the papers'
+#: protocol ``W<w>A<a>-paper`` (:func:`_paper`), whose numbers compare with the papers' tables.
 PRESETS: dict[str, QuantConfig] = {
     "FP32": QuantConfig(name="FP32", w_bits=None, a_bits=None),
     "W8A8": QuantConfig(name="W8A8", w_bits=8, a_bits=8, a_scope="matmul"),
@@ -160,6 +196,7 @@ PRESETS: dict[str, QuantConfig] = {
     "W5A5": _sim("W5A5", 5, 5),
     "W6A6": _sim("W6A6", 6, 6),
     "W4A8": _sim("W4A8", 4, 8),
+    **{p.name: p for p in (_paper(3, 3), _paper(4, 3), _paper(4, 4), _paper(5, 5), _paper(6, 6))},
 }
 
 W8A8, W4A16, W3A16, W2A16 = PRESETS["W8A8"], PRESETS["W4A16"], PRESETS["W3A16"], PRESETS["W2A16"]
@@ -189,10 +226,10 @@ EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16
 
 def preset(name: str) -> QuantConfig:
     """Look up a preset by name (case-insensitive)."""
-    key = name.upper()
-    if key not in PRESETS:
+    by_key = {k.upper(): v for k, v in PRESETS.items()}
+    if name.upper() not in by_key:
         raise DfqError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
-    return PRESETS[key]
+    return by_key[name.upper()]
 
 
 def preset_for_bits(bits: int) -> QuantConfig:
@@ -226,11 +263,14 @@ class CorrectionConfig(JsonConfig):
             ``diag`` on top).
         reparam: fold per-channel scales of post-LayerNorm activations into LayerNorms and Linears before
             calibration (RepQ-ViT; only with quantized activations).
+        shrink: move each layer's output correction towards the identity by the strength that does best on a
+            held-out quarter of the calibration images (so that it does not fit a few dozen images too closely).
         reconstruct: block-wise reconstruction by Adam before the correction.
         reconstruct_iters: Adam steps per block.
     """
 
     mode: str = "diag"
+    shrink: bool = False
     reparam: bool = False
     reconstruct: bool = False
     reconstruct_iters: int = 100

@@ -17,6 +17,9 @@ def test_presets_round_trip_json(name):
 def test_deployable_flags():
     assert {n for n, c in PRESETS.items() if c.deployable} == {"FP32", "W8A8", "W4A16", "W3A16", "W2A16"}
     assert not preset("W8A8").with_(attn_log2=True).deployable
+    assert not preset("W8A8").with_(a_grid="asymmetric").deployable
+    assert not preset("W8A8").with_(io_bits=8).deployable
+    assert preset("W8A8").with_(a_calib="sequential").deployable  # only where ranges are observed changes
     assert preset("W3A16").w_storage_bits == 4 and preset("W8A8").w_storage_bits == 8
 
 
@@ -29,6 +32,9 @@ def test_deployable_flags():
         ({"block_size": 7}, "block_size"),
         ({"w_range": "magic"}, "w_range"),
         ({"a_scope": "everything"}, "a_scope"),
+        ({"a_grid": "unsigned"}, "a_grid 'unsigned' is unknown"),
+        ({"a_calib": "later"}, "a_calib 'later' is unknown"),
+        ({"io_bits": 1}, "io_bits=1"),
         ({"version": 99}, "version"),
     ],
 )
@@ -51,3 +57,18 @@ def test_export_bits():
         preset_for_bits(5)
     with pytest.raises(DfqError, match="unknown preset"):
         preset("W9A9")
+
+
+def test_papers_protocol_presets():
+    names = [n for n in PRESETS if n.endswith("-paper")]
+    assert names == ["W3A3-paper", "W4A3-paper", "W4A4-paper", "W5A5-paper", "W6A6-paper"]
+    cfg = preset("w4a3-PAPER")  # names are case-insensitive
+    assert (cfg.w_bits, cfg.a_bits, cfg.a_grid, cfg.attn_log2, cfg.io_bits) == (4, 3, "asymmetric", True, 8)
+    assert cfg.with_(a_grid="symmetric", attn_log2=False, io_bits=None, name="W4A3") == PRESETS["W4A3"]
+
+
+def test_key_dict_leaves_out_later_fields_at_their_defaults():
+    cfg = PRESETS["W4A3"]
+    assert set(cfg.to_dict()) - set(cfg.key_dict()) == {"a_grid", "a_calib", "io_bits"}
+    changed = cfg.with_(a_calib="sequential").key_dict()
+    assert changed["a_calib"] == "sequential" and "a_grid" not in changed

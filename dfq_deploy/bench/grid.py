@@ -46,6 +46,7 @@ import dfq_deploy
 from dfq_deploy.config import CORRECTION_MODES, DEVICE_CHOICES, GRAPH_DTYPES, CorrectionConfig, QuantConfig, preset
 from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.device import resolve_device
+from dfq_deploy.errors import DfqError
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import run_session, run_torch
@@ -75,12 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sources", default="all",
                    help="comma list of calibration sources (default: all registered); a variant with options is "
                         "written NAME:key=value+key=value, e.g. dfqvit:global_frac=0 (ablations)")
-    p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED))
+    p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED),
+                   help="comma list of presets; a variant is written PRESET:key=value+key=value with QuantConfig "
+                        "fields, e.g. W4A3:a_grid=asymmetric+a_calib=sequential (ablations)")
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
     p.add_argument("--dtype", default=GRAPH_DTYPES[0], choices=GRAPH_DTYPES,
                    help="compute type of the deployable graphs (default: what dfq-deploy export writes)")
     p.add_argument("--correct", default=CorrectionConfig.mode, choices=CORRECTION_MODES,
                    help="closed-form correction, as in dfq-deploy export (default diag)")
+    p.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=CorrectionConfig.shrink,
+                   help="shrink each output correction towards the identity, strength chosen on held-out images")
     p.add_argument("--reparam", action="store_true", help="fold per-channel LayerNorm scales (RepQ-ViT) first")
     p.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction before the correction")
     p.add_argument("--reconstruct-iters", type=int, default=CorrectionConfig.reconstruct_iters,
@@ -121,9 +126,20 @@ def ort_logits(proto, images: torch.Tensor, threads: int | None = None) -> np.nd
 
 
 def preset_config(pname: str) -> QuantConfig:
-    """The config of a grid column: a preset, or ``<preset>-log2`` for its log2-softmax variant."""
-    cfg = preset(pname.removesuffix("-log2"))
-    return cfg.with_(attn_log2=True, name=pname) if pname.endswith("-log2") else cfg
+    """The config of a grid column: a preset, ``<preset>-log2`` for its log2-softmax variant, or
+    ``<preset>:key=value+key=value`` for a preset with some :class:`~dfq_deploy.config.QuantConfig` fields changed."""
+    base, _, variant = pname.partition(":")
+    cfg = preset(base.removesuffix("-log2"))
+    if base.endswith("-log2"):
+        cfg = cfg.with_(attn_log2=True, name=base)
+    if variant:
+        changes = parse_model_kwargs(variant.replace("+", ","))
+        unknown = set(changes) - set(cfg.to_dict()) | ({"name", "version"} & set(changes))
+        if unknown:
+            raise DfqError(f"preset variant '{pname}': {', '.join(sorted(unknown))} is not a QuantConfig field "
+                           "that a variant can change")
+        cfg = cfg.with_(**changes, name=pname)
+    return cfg
 
 
 def _short_hash(obj: Any) -> str:
@@ -147,7 +163,7 @@ class CellCache:
         settings = {**calib, "package": dfq_deploy.__version__, "model": spec.to_dict(),
                     "data": str(Path(args.data).resolve()), "limit": args.limit,
                     "correct": args.correct, "reconstruct": args.reconstruct and args.reconstruct_iters,
-                    "reparam": args.reparam}
+                    "reparam": args.reparam, **({"shrink": True} if args.shrink else {})}
         self.root = self.model_root / f"cells-{_short_hash(settings)}"
         self.calib_tag = _short_hash(calib)
         self.fresh = args.fresh
@@ -163,7 +179,7 @@ class CellCache:
         return f"{source}@r{revision}" if revision else source
 
     def _cell(self, pname: str, source: str, seed: int) -> Path:
-        cfg = {} if pname == "FP32" else preset_config(pname).to_dict()
+        cfg = {} if pname == "FP32" else preset_config(pname).key_dict()
         dtype = f"-{self.dtype}" if pname != "FP32" and preset_config(pname).deployable else ""
         return self.root / f"cell-{pname}-{_short_hash(cfg)}{dtype}-{self.source_key(source)}-{seed}.json"
 
@@ -255,7 +271,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python " + " ".join(sys.argv),
         "model": spec.to_dict(), "data": args.data, "n_eval": len(y_eval), "calib_dir": args.calib_dir,
-        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct, "dtype": args.dtype,
+        "num_samples": args.num_samples, "seeds": args.seeds, "correct": args.correct, "shrink": args.shrink,
+        "dtype": args.dtype,
         "reconstruct": args.reconstruct and args.reconstruct_iters, "reparam": args.reparam,
         "synth_iters": args.synth_iters, "threads": threads, "torch": torch.__version__,
         "dfq_deploy": dfq_deploy.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": cells,
@@ -271,8 +288,8 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
     model = copy.deepcopy(base)
     t = time.perf_counter()
     stages: dict[str, float] = {}
-    correction = CorrectionConfig(mode=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
-                                  reconstruct_iters=args.reconstruct_iters)
+    correction = CorrectionConfig(mode=args.correct, shrink=args.shrink, reparam=args.reparam,
+                                  reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters)
     corr = quantize_(model, cfg, calib_images, correction, held=held, seed=seed, timings=stages)
     cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
@@ -329,7 +346,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Top-1 (%) of `{result['model']['name']}` on {result['n_eval']} images of `{result['data']}`, "
         f"mean ± std over {result['seeds']} seed(s), {result['num_samples']} calibration images, "
-        f"correction `{result['correct']}`"
+        f"correction `{result['correct']}`" + (" shrunk by held-out images" if result.get("shrink") else "")
         + (f" after {result['reconstruct']}-step block reconstruction" if result.get("reconstruct") else "")
         + (", LayerNorm reparameterisation" if result.get("reparam") else "")
         + ". "
@@ -369,9 +386,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    simulated = {r["preset"] for r in rows if r["measured_on"].startswith("simulated")}
     for ax, kind in zip(axes, ("deployable", "simulated"), strict=True):
-        presets = [p for p in (DEPLOYABLE if kind == "deployable" else SIMULATED + EXTRA_SIMULATED)
-                   if any(r["preset"] == p for r in rows)]
+        presets = [p for p in dict.fromkeys(r["preset"] for r in rows)
+                   if p != "FP32" and (p in simulated) == (kind == "simulated")]
         for s in dict.fromkeys(r["source"] for r in rows if r["source"] != "-"):
             pts = [(p, r) for p in presets for r in rows if r["preset"] == p and r["source"] == s]
             if pts:

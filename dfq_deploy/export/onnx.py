@@ -250,6 +250,9 @@ def pv_output_quantizer(attn: nn.Module) -> ActQuantizer | None:
 def _scalar(q: ActQuantizer, name: str) -> float:
     if q.log2:
         raise DfqError(f"{name}: the log2 attention quantizer has no ONNX/TensorRT kernel (simulation only)")
+    if getattr(q, "asymmetric", False):
+        raise DfqError(f"{name}: asymmetric activations (a zero point) are not deployable; TensorRT needs zero point "
+                       "0: use a symmetric preset")
     if q.bits != 8:
         raise DfqError(f"{name}: {q.bits}-bit activations are not deployable; TensorRT runs INT8 activations")
     if not q.calibrated:

@@ -5,10 +5,16 @@ The entry point has torchao / Model Optimizer's shape::
     model = quantize(model, W8A8, forward_loop=lambda m: [m(x) for x in batches])
 
 Every ``nn.Linear`` inside the transformer blocks (qkv, proj, fc1, fc2; Swin's patch-merging reduction too)
-becomes a :class:`QuantLinear`; the classifier head and the patch embedding stay in float. When activations
+becomes a :class:`QuantLinear`; the classifier head and the patch embedding stay in float unless
+``QuantConfig.io_bits`` is set (the papers' protocol; then the head is a :class:`QuantLinear` and the patch
+embedding's convolution a :class:`QuantConv2d`, weights and inputs at that width). When activations
 are quantized with scope ``matmul``, each attention module also quantizes the inputs of its two matmuls
 (``q*scale``, ``k``, the softmax output and ``v``), in the same places where the exported ONNX graph gets
 its Q/DQ pairs.
+
+Activation ranges are observed on the full-precision model (``a_calib="float"``) or, with ``"sequential"``,
+group by group in forward order on the quantized model: each transformer block's quantizers see the inputs that
+the already quantized blocks before it produce (:func:`calibrate_activations_`).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ class QuantLinear(nn.Linear):
             new.weight_quantizer = WeightQuantizer(cfg.w_bits, block, cfg.w_range)
         new.input_quantizer = None
         if cfg.a_bits is not None:
-            new.input_quantizer = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+            new.input_quantizer = _act_quantizer(cfg)
         new.correction = None
         return new
 
@@ -76,6 +82,41 @@ class QuantLinear(nn.Linear):
         if self.weight_quantizer is not None:
             w = self.weight_quantizer(w)
         return corr.apply_output(F.linear(x, w, b))
+
+
+class QuantConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters) with an input quantizer and a per-output-channel weight quantizer: the
+    patch embedding under the papers' protocol (``QuantConfig.io_bits``; simulation only)."""
+
+    input_quantizer: ActQuantizer | None
+    weight_quantizer: WeightQuantizer | None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, cfg: QuantConfig) -> QuantConv2d:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(new, attr, getattr(conv, attr))
+        new.weight, new.bias = conv.weight, conv.bias
+        new.weight_quantizer = None if cfg.w_bits is None else WeightQuantizer(cfg.w_bits, None, cfg.w_range)
+        new.input_quantizer = None if cfg.a_bits is None else _act_quantizer(cfg)
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is None:
+            return self.weight
+        return self.weight_quantizer(self.weight.flatten(1)).reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+def _act_quantizer(cfg: QuantConfig, log2: bool = False) -> ActQuantizer:
+    assert cfg.a_bits is not None
+    return ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile, log2=log2, asymmetric=cfg.a_grid == "asymmetric")
 
 
 @functools.cache
@@ -98,11 +139,10 @@ def _fit_block(block_size: int, in_features: int) -> int:
 
 # --- attention ---------------------------------------------------------------------------------------------
 def _attach_attn_quantizers(attn: nn.Module, cfg: QuantConfig) -> None:
-    assert cfg.a_bits is not None
-    attn.q_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
-    attn.k_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
-    attn.p_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile, log2=cfg.attn_log2)
-    attn.v_quant = ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile)
+    attn.q_quant = _act_quantizer(cfg)
+    attn.k_quant = _act_quantizer(cfg)
+    attn.p_quant = _act_quantizer(cfg, log2=cfg.attn_log2)
+    attn.v_quant = _act_quantizer(cfg)
     fwd = _vit_attention_forward if isinstance(attn, Attention) else _swin_attention_forward
     attn.forward = types.MethodType(fwd, attn)
 
@@ -157,6 +197,29 @@ def _quantizable_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.
                 yield parent, child_name, child
 
 
+def _quantize_patch_embed_(model: nn.Module, cfg: QuantConfig) -> None:
+    """Replace the patch embedding's convolution by a :class:`QuantConv2d` (in place; papers' protocol).
+
+    Its input is the normalised image, whose range is known without data: ``[(0 - mean) / std, (1 - mean) / std]``
+    over the channels of timm's data config. The input quantizer takes that range rather than the calibration
+    images' (synthetic images are not bound to the pixel range, and a range from them would cost real inputs
+    levels).
+    """
+    from dfq_deploy.models import data_config
+
+    embed = getattr(model, "patch_embed", None)
+    conv = getattr(embed, "proj", None)
+    if not isinstance(conv, nn.Conv2d) or isinstance(conv, QuantConv2d):
+        raise ValueError("io_bits: the model has no patch_embed.proj convolution to quantize")
+    qconv = QuantConv2d.from_conv(conv, cfg)
+    if qconv.input_quantizer is not None:
+        dcfg = data_config(model)
+        lows = [(0.0 - m) / s for m, s in zip(dcfg["mean"], dcfg["std"], strict=True)]
+        highs = [(1.0 - m) / s for m, s in zip(dcfg["mean"], dcfg["std"], strict=True)]
+        qconv.input_quantizer.fixed_range = (min(lows), max(highs))
+    embed.proj = qconv
+
+
 def _quantize_head_(model: nn.Module, head_cfg: QuantConfig) -> None:
     """Replace the classifier head's Linear by a weight-only per-channel QuantLinear (in place)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -187,7 +250,11 @@ def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         n += 1
     if n == 0:
         raise ValueError("no Linear layers found under blocks/layers: is this a timm ViT/DeiT/Swin model?")
-    if cfg.head_w_bits is not None:
+    if cfg.io_bits is not None:
+        io_cfg = cfg.with_(w_bits=cfg.io_bits, w_granularity="per_channel", a_bits=cfg.io_bits)
+        _quantize_head_(model, io_cfg)
+        _quantize_patch_embed_(model, io_cfg)
+    elif cfg.head_w_bits is not None:
         _quantize_head_(model, cfg.with_(w_bits=cfg.head_w_bits, w_granularity="per_channel", a_bits=None))
     if cfg.a_bits is not None and cfg.a_scope == "matmul":
         for attn in attention_modules(model):
@@ -234,31 +301,105 @@ def calibrate_weights_(model: nn.Module) -> nn.Module:
     for _, lin in quant_linears(model):
         if lin.weight_quantizer is not None:
             lin.weight_quantizer.calibrate(lin.weight)
+    for m in model.modules():
+        if isinstance(m, QuantConv2d) and m.weight_quantizer is not None:
+            m.weight_quantizer.calibrate(m.weight.flatten(1))
     return model
 
 
-@torch.no_grad()
-def calibrate_activations_(model: nn.Module, forward_loop: ForwardLoop) -> nn.Module:
-    """Observe activations of the full-precision model over ``forward_loop`` and choose their scales."""
-    quantizers = [q for _, q in act_quantizers(model)]
-    if not quantizers:
-        return model
-    was_training = model.training
-    model.eval()
-    with quant_disabled(model):
-        for q in quantizers:
-            q.reset_observer()
-            q.observing = True
-        try:
-            forward_loop(model)
-        finally:
-            for q in quantizers:
-                q.observing = False
-    for name, q in act_quantizers(model):
+def _observe(model: nn.Module, named: list[tuple[str, ActQuantizer]], forward_loop: ForwardLoop) -> None:
+    """Run ``forward_loop`` with the quantizers ``named`` observing, then choose their scales."""
+    for _, q in named:
+        q.reset_observer()
+        q.observing = True
+    try:
+        forward_loop(model)
+    finally:
+        for _, q in named:
+            q.observing = False
+    for name, q in named:
         try:
             q.finalize()
         except RuntimeError as exc:
             raise RuntimeError(f"{name}: {exc}") from exc
+
+
+def _forward_groups(model: nn.Module, forward_loop: ForwardLoop) -> list[list[tuple[str, ActQuantizer]]]:
+    """The activation quantizers in groups, in forward order: one group a transformer block; a quantizer outside
+    every block (patch embedding, Swin's patch merging, head) joins the next block's group, or the last one."""
+    named = act_quantizers(model)
+    order: dict[int, int] = {}
+
+    def record(mod: nn.Module, _args: object) -> None:
+        order.setdefault(id(mod), len(order))
+
+    hooks = [q.register_forward_pre_hook(record) for _, q in named]
+    try:
+        with quant_disabled(model):  # one batch is enough to see the order (a loop may say how: first_batch)
+            getattr(forward_loop, "first_batch", forward_loop)(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    block_of = {id(m): i for i, b in enumerate(transformer_blocks(model)) for m in b.modules()}
+    seen = sorted((order[id(q)], n, q) for n, q in named if id(q) in order)
+    groups: list[list[tuple[str, ActQuantizer]]] = []
+    pending: list[tuple[str, ActQuantizer]] = []
+    current: int | None = None
+    for _, n, q in seen:
+        block = block_of.get(id(q))
+        if block is None:
+            pending.append((n, q))
+            continue
+        if block != current:
+            groups.append([])
+            current = block
+        groups[-1].extend(pending)
+        pending = []
+        groups[-1].append((n, q))
+    if pending and groups:
+        groups[-1].extend(pending)
+    elif pending:
+        groups.append(pending)
+    missing = [n for n, q in named if id(q) not in order]
+    if missing:
+        raise RuntimeError(f"{missing[0]}: activation quantizer saw no data: the forward loop did not reach it")
+    return groups
+
+
+@torch.no_grad()
+def calibrate_activations_(model: nn.Module, forward_loop: ForwardLoop, sequential: bool = False) -> nn.Module:
+    """Choose every activation scale from the values seen over ``forward_loop``.
+
+    Args:
+        model: a prepared model (weights calibrated when ``sequential``).
+        forward_loop: runs the calibration data through the model.
+        sequential: False observes the full-precision model in one pass. True observes group by group in forward
+            order (:func:`_forward_groups`, one group a transformer block), each on the quantized model whose
+            earlier groups are already calibrated and on, and whose later groups are off; weights are quantized
+            throughout. One pass per group.
+    """
+    named = act_quantizers(model)
+    if not named:
+        return model
+    was_training = model.training
+    model.eval()
+    if not sequential:
+        with quant_disabled(model):
+            _observe(model, named, forward_loop)
+    else:
+        groups = _forward_groups(model, forward_loop)
+        states = [(m, m.enabled) for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
+        try:
+            for _, q in named:
+                q.enabled = False
+            for group in groups:
+                _observe(model, group, forward_loop)
+                for _, q in group:
+                    q.enabled = True
+        finally:
+            for m, state in states:
+                m.enabled = state
+        logger.info("activation ranges observed sequentially in %d groups", len(groups))
     model.train(was_training)
     return model
 
@@ -279,7 +420,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: ForwardLoop | 
     if config.a_bits is not None:
         if forward_loop is None:
             raise ValueError(f"{config.name} quantizes activations: pass a forward_loop with calibration data")
-        calibrate_activations_(model, forward_loop)
+        calibrate_activations_(model, forward_loop, sequential=config.a_calib == "sequential")
     set_quant_enabled_(model, True)
     return model
 
@@ -287,10 +428,14 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: ForwardLoop | 
 def batches_loop(images: torch.Tensor, batch_size: int = 32) -> ForwardLoop:
     """A forward loop over an in-memory tensor of images, fed to the model's device in exact float32."""
 
-    def loop(model: nn.Module) -> None:
+    def run(model: nn.Module, stop: int) -> None:
         dev = model_device(model)
         with torch.no_grad(), exact_float32():
-            for i in range(0, len(images), batch_size):
-                model(images[i : i + batch_size].to(dev))
+            for i in range(0, stop, batch_size):
+                model(images[i : min(i + batch_size, stop)].to(dev))
 
+    def loop(model: nn.Module) -> None:
+        run(model, len(images))
+
+    loop.first_batch = lambda model: run(model, min(batch_size, len(images)))  # type: ignore[attr-defined]
     return loop

@@ -1,8 +1,17 @@
 """Fake-quantization modules and range search.
 
-All quantizers are symmetric with zero point 0 and a signed grid ``[-2^(b-1), 2^(b-1)-1]``, so the
-quantized values are exactly what a TensorRT-style ``QuantizeLinear``/``DequantizeLinear`` pair computes:
-``clamp(round(x / scale)) * scale`` with round-half-to-even (``torch.round`` and ONNX agree).
+Weight quantizers, and activation quantizers by default, are symmetric with zero point 0 and a signed grid
+``[-2^(b-1), 2^(b-1)-1]``, so the quantized values are exactly what a TensorRT-style
+``QuantizeLinear``/``DequantizeLinear`` pair computes: ``clamp(round(x / scale)) * scale`` with
+round-half-to-even (``torch.round`` and ONNX agree).
+
+Two activation grids exist for research presets only (no deployable kernel: TensorRT requires zero point 0):
+
+* ``asymmetric``: a uniform affine grid ``[0, 2^b - 1]`` with a zero point, ``(clamp(round(x / s) + z) - z) * s``,
+  whose range ``[lo, hi]`` follows the values; a non-negative tensor (softmax, most of GELU) gets every level
+  instead of half of them (the papers' uniform quantizer, SPDFQ Eq. 1).
+* ``log2`` (softmax outputs): ``2^-round(-log2 x)`` with ``2^b - 1`` exponents and a fixed scale of 1, which
+  needs no calibration data (SPDFQ Eq. 2, RepQ-ViT).
 """
 
 from __future__ import annotations
@@ -77,6 +86,54 @@ def search_scale(x: torch.Tensor, bits: int, method: str, percentile: float = 99
     return (amax / qmax).clamp_min(1e-8)
 
 
+def search_affine(x: torch.Tensor, bits: int, method: str, percentile: float = 99.99) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Scale and zero point of an asymmetric (affine) ``bits``-bit grid for the 1-D tensor ``x``.
+
+    Args:
+        x: values of one tensor.
+        bits: grid bits (``2^bits`` levels ``0..2^bits - 1``).
+        method: ``minmax`` (``[min, max]``), ``percentile`` (the ``percentile`` and ``100 - percentile``
+            percentiles) or ``mse`` (``[min, max]`` shrunk by the ratio that minimises the squared error).
+        percentile: used by ``percentile``.
+
+    Returns:
+        ``(scale, zero_point)`` as 0-d tensors; the zero point is an integer in ``[0, 2^bits - 1]``, so zero is
+        exactly representable.
+    """
+    x = x.detach().float().reshape(-1)
+    levels = (1 << bits) - 1
+    lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    if method == "percentile":
+        k_hi = max(1, min(x.numel(), math.ceil(x.numel() * percentile / 100.0)))
+        k_lo = max(1, min(x.numel(), math.floor(x.numel() * (100.0 - percentile) / 100.0) + 1))
+        lo, hi = x.kthvalue(k_lo).values.clamp(max=0.0), x.kthvalue(k_hi).values.clamp(min=0.0)
+    elif method == "mse":
+        best_err, best = float("inf"), (lo, hi)
+        for ratio in torch.linspace(1.0, 0.2, _CLIP_CANDIDATES):
+            scale, zp = _affine_params(lo * ratio, hi * ratio, levels)
+            err = float((fake_quant_affine(x, scale, zp, bits) - x).pow(2).mean())
+            if err < best_err:
+                best_err, best = err, (lo * ratio, hi * ratio)
+        lo, hi = best
+    elif method != "minmax":
+        raise ValueError(f"unknown range method {method}")
+    return _affine_params(lo, hi, levels)
+
+
+def _affine_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = ((hi - lo) / levels).clamp_min(1e-8)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
+
+
+def fake_quant_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero_point, 0, 2^bits - 1) - zero_point) * scale``; straight-through gradient."""
+    q = (torch.clamp(torch.round(x / scale) + zero_point, 0, (1 << bits) - 1) - zero_point) * scale
+    if x.requires_grad:
+        return x + (q - x).detach()
+    return q
+
+
 class WeightQuantizer(nn.Module):
     """Per-output-channel or blockwise weight quantizer for a ``[out, in]`` Linear weight.
 
@@ -130,27 +187,34 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor symmetric activation quantizer with an observing phase.
+    """Per-tensor activation quantizer with an observing phase.
 
     In ``observing`` mode the input passes through unchanged while its running max and a random reservoir of
-    values are recorded; :meth:`finalize` then picks the scale.
+    values are recorded; :meth:`finalize` then picks the scale (and, on the asymmetric grid, the zero point).
 
     Args:
         bits: grid bits.
         method: ``minmax``, ``percentile`` or ``mse``.
         percentile: for ``percentile``.
         log2: use a log2 grid for non-negative inputs (softmax outputs; simulation only, not deployable).
+        asymmetric: use an affine grid with a zero point (simulation only, not deployable).
     """
 
-    def __init__(self, bits: int, method: str = "percentile", percentile: float = 99.99, log2: bool = False) -> None:
+    def __init__(self, bits: int, method: str = "percentile", percentile: float = 99.99, log2: bool = False,
+                 asymmetric: bool = False) -> None:
         super().__init__()
         self.bits = bits
         self.method = method
         self.percentile = percentile
         self.log2 = log2
+        self.asymmetric = asymmetric and not log2
         self.enabled = True
         self.observing = False
+        #: A range ``(lo, hi)`` known without data (the model input's, from its normalisation): the scale is
+        #: chosen from it instead of from what was observed.
+        self.fixed_range: tuple[float, float] | None = None
         self.register_buffer("scale", torch.empty(0), persistent=True)
+        self.register_buffer("zero_point", torch.empty(0), persistent=True)
         self._samples: list[torch.Tensor] = []
         self._count = 0
         self._amax = 0.0
@@ -191,12 +255,16 @@ class ActQuantizer(nn.Module):
         if not self._samples:
             raise RuntimeError("activation quantizer saw no data: the forward loop did not reach it")
         values = torch.cat(self._samples)
+        if self.fixed_range is not None:  # minmax on the two ends of the known range
+            values, self.method = torch.tensor(self.fixed_range, device=values.device), "minmax"
         if self.method == "mse" and values.numel() > _MSE_SAMPLES:  # the MSE search needs far fewer values
             extremes = torch.stack([values.min(), values.max()])
             values = torch.cat([values[torch.randperm(values.numel(), generator=self._observer_gen())[:_MSE_SAMPLES]],
                                 extremes])
         if self.log2:
             self.scale = torch.ones((), device=values.device)
+        elif self.asymmetric:
+            self.scale, self.zero_point = search_affine(values, self.bits, self.method, self.percentile)
         else:
             scale = search_scale(values.unsqueeze(0), self.bits, self.method, self.percentile)[0]
             self.scale = scale.reshape(())
@@ -214,8 +282,11 @@ class ActQuantizer(nn.Module):
             e = torch.clamp(torch.round(-torch.log2(x.clamp_min(1e-20))), 0, levels)
             q = torch.where(e >= levels, torch.zeros_like(x), torch.pow(2.0, -e))
             return x + (q - x).detach() if x.requires_grad else q
+        if self.asymmetric:
+            return fake_quant_affine(x, self.scale, self.zero_point, self.bits)
         return fake_quant(x, self.scale, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, method={self.method}{', log2' if self.log2 else ''}"
+        grid = ", log2" if self.log2 else ", asymmetric" if self.asymmetric else ""
+        return f"bits={self.bits}, method={self.method}{grid}"
 

@@ -79,7 +79,7 @@ def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, co
         quantize(model, cfg, batches_loop(calib))
         timings["quantize_s"] = time.perf_counter() - t
         return {"mode": "none", "skipped": "float export"}
-    rep: dict[str, Any] = {"mode": correct, "reparam": False, "reconstruct": reconstruct,
+    rep: dict[str, Any] = {"mode": correct, "shrink": correction.shrink, "reparam": False, "reconstruct": reconstruct,
                            "evaluated_on": f"held_back ({len(held)} inputs)", "stages": {}}
     stage_s: dict[str, float] = {}
     t = time.perf_counter()
@@ -113,7 +113,7 @@ def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, co
         measure("reconstructed")
     if correct != "none":
         t = time.perf_counter()
-        fit = fit_corrections_(model, fp_model, calib, correct, seed=seed)
+        fit = fit_corrections_(model, fp_model, calib, correct, shrink=correction.shrink, seed=seed)
         stage_s["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         fold_corrections_(model)

@@ -84,6 +84,22 @@ def test_cached_sets_carry_the_method_revision(monkeypatch):
     key = grid.CellCache.source_key
     assert key("noise") == "noise" and key("real") == "real"  # not synthesis methods: no revision
     assert key("psaq") == "psaq"  # revision 0 keeps the names of sets cached before revisions existed
-    assert key("spdfq") == "spdfq@r1" and key("spdfq:msr=false") == "spdfq:msr=false@r1"
+    assert key("spdfq") == "spdfq@r2" and key("spdfq:msr=false") == "spdfq:msr=false@r2"
     monkeypatch.setattr(METHODS.get("psaq"), "revision", 3)
     assert key("psaq:kde_points=8") == "psaq:kde_points=8@r3"  # a bumped default never reuses an old set
+
+
+def test_preset_variants_change_config_fields_and_are_refused_when_unknown():
+    import pytest
+
+    from dfq_deploy.errors import DfqError
+
+    cfg = grid.preset_config("W4A3:a_grid=asymmetric+a_calib=sequential")
+    assert (cfg.a_bits, cfg.a_grid, cfg.a_calib, cfg.name) == (3, "asymmetric", "sequential",
+                                                               "W4A3:a_grid=asymmetric+a_calib=sequential")
+    assert not cfg.deployable
+    assert grid.preset_config("W4A4-log2").attn_log2 and grid.preset_config("W4A3-paper").io_bits == 8
+    with pytest.raises(DfqError, match="colour is not a QuantConfig field"):
+        grid.preset_config("W4A3:colour=red")
+    with pytest.raises(DfqError, match="name"):
+        grid.preset_config("W4A3:name=x")

@@ -84,3 +84,58 @@ def test_plot_is_a_png():
              "logits": {"nmse": 0.1}}
     png = plot_block_errors({"mode": "diag", "stages": {"quantized": stage, "corrected": stage}})
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _layer_data(n_images: int, tokens: int, d: int, seed: int = 0):
+    from dfq_deploy.quant.correct.fit import _LayerData
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n_images * tokens, d, generator=g)
+    image = torch.arange(n_images).repeat_interleave(tokens)
+    prefix = torch.zeros(len(a), dtype=torch.bool)
+    return _LayerData(a, a.clone(), image, prefix), g
+
+
+def test_shrinkage_keeps_a_real_correction_and_drops_one_that_fits_noise():
+    from dfq_deploy.quant.correct.fit import _fit_output_shrunk
+
+    data, g = _layer_data(16, 8, 6)
+    y = torch.randn(len(data.a), 6, generator=g)
+    yq = (y - 0.3) / 1.2 + 0.01 * torch.randn(y.shape, generator=g)  # a consistent gain and offset error
+    s, t, beta = _fit_output_shrunk(yq, y, data, affine=True, val_every=4)
+    assert beta == 1.0 and torch.allclose(s, torch.full((6,), 1.2), atol=0.02)
+    yq2 = y.clone()  # no error, except that every image has its own random offset: nothing generalises
+    yq2 += torch.randn(16, 6, generator=g).repeat_interleave(8, dim=0)
+    s2, t2, beta2 = _fit_output_shrunk(yq2, y, data, affine=False, val_every=4)
+    assert s2 is None and beta2 < 1.0
+    from dfq_deploy.quant.correct.fit import _fit_output
+
+    _, t_full = _fit_output(yq2, y, data.weight, affine=False)
+    assert torch.allclose(t2, beta2 * t_full)
+
+
+def test_shrink_is_reported_per_layer(tiny_model):
+    fp, calib, held = _setup(tiny_model, "W4A4")
+    report = fit_corrections_(tiny_model, fp, calib, "diag", shrink=True, fold=True)
+    betas = [v["shrink_beta"] for v in report["layers"].values()]
+    assert len(betas) == 8 and all(b in (0.0, 0.25, 0.5, 0.75, 1.0) for b in betas)
+
+
+def test_full_chooses_its_strength_after_requantization():
+    """The held-out error of a candidate input map counts the rounding of the re-quantized ``W M``."""
+    from dfq_deploy.quant.correct.fit import _output_err, _requantizer
+    from dfq_deploy.quant.qmodel import QuantLinear
+
+    cfg = PRESETS["W2A16"].with_(w_granularity="per_channel")
+    lin = QuantLinear.from_linear(torch.nn.Linear(16, 8), cfg)
+    lin.weight_quantizer.calibrate(lin.weight.detach())
+    data, g = _layer_data(8, 16, 16)
+    m = torch.eye(16, dtype=torch.float64) + 0.05 * torch.randn(16, 16, generator=g, dtype=torch.float64)
+    c = torch.zeros(16, dtype=torch.float64)
+    w = lin.weight.detach()
+    float_err = _output_err(data.a, data.x, data.weight, m, c, w)
+    requant = _requantizer(lin)
+    after_err = _output_err(data.a, data.x, data.weight, m, c, w, requant)
+    assert after_err > float_err  # the float error cannot see the 2-bit rounding of W M
+    wm = (w.double() @ m).float()
+    assert torch.equal(requant(wm), requant(wm)) and not torch.equal(requant(wm), wm)

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from dfq_deploy.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quant, qrange, search_scale
+from dfq_deploy.quant.quantizers import (
+    ActQuantizer,
+    WeightQuantizer,
+    fake_quant,
+    fake_quant_affine,
+    qrange,
+    search_affine,
+    search_scale,
+)
 
 
 def test_fake_quant_is_on_the_signed_grid():
@@ -82,3 +90,43 @@ def test_log2_quantizer_gives_powers_of_two():
     q.finalize()
     y = q(torch.tensor([1.0, 0.5, 0.3, 0.01, 0.0]))
     assert y.tolist() == pytest.approx([1.0, 0.5, 0.25, 2**-7, 0.0])
+
+
+def test_asymmetric_grid_gives_a_non_negative_tensor_every_level():
+    x = torch.rand(10_000)  # softmax-like: non-negative
+    scale, zp = search_affine(x, 3, "minmax")
+    assert zp == 0 and torch.isclose(scale, x.max() / 7)
+    y = fake_quant_affine(x, scale, zp, 3)
+    assert len(torch.unique(y)) == 8  # all 2^3 levels used; the symmetric grid has 4 for x >= 0
+    assert len(torch.unique(fake_quant(x, search_scale(x[None], 3, "minmax"), 3))) == 4
+    sym_err = (fake_quant(x, search_scale(x[None], 3, "mse"), 3) - x).pow(2).mean()
+    asym_err = (fake_quant_affine(x, *search_affine(x, 3, "mse"), 3) - x).pow(2).mean()
+    assert asym_err < 0.5 * sym_err
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_asymmetric_grid_represents_zero_and_its_range(method):
+    x = torch.randn(5000) * 2 + 1.5  # off-centre
+    scale, zp = search_affine(x, 4, method, 99.9)
+    assert 0 <= int(zp) <= 15 and float(zp) == int(zp)
+    assert fake_quant_affine(torch.zeros(1), scale, zp, 4).item() == 0.0
+    y = fake_quant_affine(x, scale, zp, 4)
+    lo, hi = float(-zp * scale), float((15 - zp) * scale)
+    assert y.min() >= lo - 1e-6 and y.max() <= hi + 1e-6
+    assert (y - x).abs()[(x > lo) & (x < hi)].max() <= scale / 2 + 1e-6  # inside the range: rounding only
+
+
+def test_act_quantizer_asymmetric_and_fixed_range():
+    q = ActQuantizer(4, "mse", asymmetric=True)
+    q.observing = True
+    q(torch.rand(100) * 3)
+    q.finalize()
+    assert q.zero_point.numel() == 1 and "asymmetric" in repr(q)
+    y = q(torch.tensor([0.0, 1.0, 2.0]))
+    assert y[0] == 0 and torch.allclose(y, torch.tensor([0.0, 1.0, 2.0]), atol=float(q.scale))
+    fixed = ActQuantizer(8, "mse", asymmetric=True)
+    fixed.fixed_range = (-2.0, 2.0)
+    fixed.observing = True
+    fixed(torch.randn(100) * 10)  # what is observed does not matter
+    fixed.finalize()
+    assert torch.isclose(fixed.scale, torch.tensor(4.0 / 255))

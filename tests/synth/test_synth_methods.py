@@ -416,3 +416,13 @@ def test_spdfq_semantics_targets_and_quadrants(vit):
     assert m.state["prior.1"].shape == (40, 1, 3, 64)
     sums = m.state["prior.1"].sum(-1)
     assert ((sums > 0) & (sums <= 1)).all() and sums.std() > 0.1
+
+
+def test_spdfq_sums_its_apa_loss_over_heads(vit):
+    """The paper's APA loss is a sum over heads; revision 1 averaged (1/H of the weight)."""
+    common = {"num_samples": 2, "iterations": 1, "seed": 0, "msr": False, **STILL}
+    summed = synthesize(vit, data_config(vit), "spdfq", common, progress=False)
+    mean = synthesize(vit, data_config(vit), "spdfq", {**common, "apa_head_sum": False}, progress=False)
+    heads = vit.blocks[0].attn.num_heads
+    assert heads > 1
+    assert summed.history[0]["apa"] == pytest.approx(heads * mean.history[0]["apa"], rel=1e-5)

@@ -21,8 +21,9 @@ Corrections (see :mod:`dfq_deploy.quant.correct.fold` for why these placements f
     Input-side affine map ``a -> M a + c`` fitted by ridge least squares of ``x`` on ``a``, shrunk towards the
     identity: ``M^T = (C_aa + lambda I)^-1 (C_ax + lambda I)`` with centred covariances and
     ``c = E[x] - M E[a]``. ``lambda = alpha * trace(C_aa) / d``; ``alpha`` is chosen per layer on held-out
-    calibration images (a quarter of them) by the output-space error ``||W (M a + c - x)||^2``, and the
-    identity (no matrix) is always a candidate. The map acts on the dequantized input, after the ``Q/DQ`` pair,
+    calibration images (a quarter of them) by the output error after re-quantization,
+    ``||Q_w(W M) a + W c - W x||^2`` (the weight scales re-chosen for each candidate ``W M``, as the fold does),
+    and the identity (no matrix) is always a candidate. The map acts on the dequantized input, after the ``Q/DQ`` pair,
     so it folds into the weight, ``W <- W M`` and ``b <- b + W c``, *before* the weights are re-quantized
     (the weight scales are re-chosen for ``W M``). A bias correction then removes the mean error left by
     re-quantizing ``W M``.
@@ -31,6 +32,11 @@ Without constraints the least-squares ``M`` is the same whichever output weighti
 channel is a linear function of ``x``), so fitting the input map also gives the best linear reconstruction of
 the layer's output in the span of ``W``; the ridge term keeps it from fitting the quantization noise of a few
 thousand tokens.
+
+Shrinkage (``shrink=True``): an output correction fitted fully on a few dozen images also fits their
+peculiarities. Each layer's output affine ``y -> s y + t`` is then moved towards the identity,
+``y -> y + beta (s y + t - y)``, with ``beta`` in :data:`SHRINK_BETAS` chosen on the held-out quarter of the
+calibration images (fitted on the other three quarters), and applied to the fit on all of them.
 
 Token weighting: one affine map per layer serves every token, and the class token (what the head reads) is
 one token among ``T`` with its own statistics; a plain token average fits the patch tokens and can move the
@@ -43,10 +49,11 @@ calibrated on the float model remains valid, and the folded model exports to the
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +82,8 @@ MAX_TOKENS = 1 << 15
 #: Share of the fitting weight of the class token(s): about 9 patch tokens' worth at 64 patches.
 PREFIX_SHARE = 0.125
 _SCALE_CLAMP = (0.5, 2.0)
+#: Strengths of the output correction tried by ``shrink`` (0: no correction, 1: the full least-squares fit).
+SHRINK_BETAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 # --- per-layer data ----------------------------------------------------------------------------------------
@@ -169,17 +178,39 @@ def _ridge(moments: tuple[torch.Tensor, ...], alpha: float) -> tuple[torch.Tenso
 
 
 def _output_err(
-    a: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, m: torch.Tensor, c: torch.Tensor, weight: torch.Tensor
+    a: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, m: torch.Tensor, c: torch.Tensor, weight: torch.Tensor,
+    requant: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Weighted mean squared error of ``W (M a + c)`` against ``W x``."""
-    pred = a.double() @ m.T + c
-    return float(_wmean(((pred - x.double()) @ weight.double().T).pow(2).mean(1), w_tok.double()))
+    """Weighted mean squared error of ``Q_w(W M) a + W c`` against ``W x`` (``Q_w`` the identity without
+    ``requant``)."""
+    wd = weight.double()
+    wm = wd @ m
+    if requant is not None:
+        wm = requant(wm.float()).double()
+    pred = a.double() @ wm.T + wd @ c
+    return float(_wmean((pred - x.double() @ wd.T).pow(2).mean(1), w_tok.double()))
+
+
+def _requantizer(lin: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the fold does to a weight: a copy of ``lin``'s weight quantizer re-calibrated on it, applied."""
+    if lin.weight_quantizer is None:
+        return None
+
+    def requant(w: torch.Tensor) -> torch.Tensor:
+        wq = copy.deepcopy(lin.weight_quantizer)
+        wq.enabled = True
+        wq.calibrate(w)
+        return wq(w)
+
+    return requant
 
 
 def _fit_input_map(
     data: _LayerData, weight: torch.Tensor, alphas: Sequence[float], default_alpha: float, val_every: int,
+    requant: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Ridge input map with ``alpha`` chosen on held-out images (or ``default_alpha`` with too few images)."""
+    """Ridge input map with ``alpha`` chosen on held-out images by the error after re-quantizing ``W M`` (or
+    ``default_alpha`` with too few images)."""
     info: dict[str, Any] = {}
     masks = data.split(val_every)
     alpha = default_alpha
@@ -189,8 +220,9 @@ def _fit_input_map(
         av, xv, wv = data.a[val], data.x[val], data.weight[val]
         d = weight.shape[1]
         eye = torch.eye(d, dtype=torch.float64, device=av.device)
-        none_err = _output_err(av, xv, wv, eye, torch.zeros(d, dtype=torch.float64, device=av.device), weight)
-        errs = {a_: _output_err(av, xv, wv, *_ridge(mom, a_), weight) for a_ in (*alphas, math.inf)}
+        none_err = _output_err(av, xv, wv, eye, torch.zeros(d, dtype=torch.float64, device=av.device), weight,
+                               requant)
+        errs = {a_: _output_err(av, xv, wv, *_ridge(mom, a_), weight, requant) for a_ in (*alphas, math.inf)}
         alpha = min(errs, key=lambda k: errs[k])
         info["val_err_uncorrected"] = none_err
         info["val_err"] = errs[alpha]
@@ -214,6 +246,33 @@ def _fit_output(
     return s.float(), (my - s * mq).float()
 
 
+def _shrunk(s: torch.Tensor | None, t: torch.Tensor, beta: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``y -> y + beta (s y + t - y)``: the correction moved towards the identity."""
+    return (None if s is None else 1 + beta * (s - 1)), beta * t
+
+
+def _fit_output_shrunk(
+    yq: torch.Tensor, y: torch.Tensor, data: _LayerData, affine: bool, val_every: int,
+) -> tuple[torch.Tensor | None, torch.Tensor, float | None]:
+    """:func:`_fit_output` on every token, shrunk by the ``beta`` of :data:`SHRINK_BETAS` that does best on
+    held-out images when fitted on the others (``beta`` None, no shrinkage, with too few images)."""
+    s, t = _fit_output(yq, y, data.weight, affine)
+    masks = data.split(val_every)
+    if masks is None:
+        return s, t, None
+    fit, val = masks
+    s_f, t_f = _fit_output(yq[fit], y[fit], data.weight[fit], affine)
+    yv, tv, wv = yq[val], y[val], data.weight[val]
+
+    def err(beta: float) -> float:
+        sb, tb = _shrunk(s_f, t_f, beta)
+        pred = yv * (1.0 if sb is None else sb) + tb
+        return float(_wmean((pred - tv).double().pow(2).mean(1), wv))
+
+    beta = min(SHRINK_BETAS, key=err)
+    return (*_shrunk(s, t, beta), beta)
+
+
 @torch.no_grad()
 def _quantized_output(lin: QuantLinear, a: torch.Tensor) -> torch.Tensor:
     """What ``lin`` (with its pending correction) outputs for dequantized input ``a``."""
@@ -232,7 +291,7 @@ def _out_mse(lin: QuantLinear, data: _LayerData, y: torch.Tensor) -> float:
 @torch.no_grad()
 def _fit_layer(
     lin: QuantLinear, flin: nn.Module, data: _LayerData, mode: str, alphas: Sequence[float], default_alpha: float,
-    val_every: int,
+    val_every: int, shrink: bool = False,
 ) -> dict[str, Any]:
     info: dict[str, Any] = {"tokens": int(data.a.shape[0])}
     y = F.linear(data.x, flin.weight.float(), None if flin.bias is None else flin.bias.float())
@@ -242,11 +301,16 @@ def _fit_layer(
         info["skipped"] = "no bias"
         return info
     if mode == "full":
-        m, c, fit_info = _fit_input_map(data, lin.weight.detach(), alphas, default_alpha, val_every)
+        m, c, fit_info = _fit_input_map(data, lin.weight.detach(), alphas, default_alpha, val_every,
+                                        _requantizer(lin))
         info.update(fit_info)
         attach_correction_(lin, LinearCorrection(in_matrix=m, in_bias=c))
         fold_linear_(lin)  # the re-quantized W M is final: the output part is fitted on it
-    s, t = _fit_output(_quantized_output(lin, data.a), y, data.weight, affine=mode == "diag")
+    yq = _quantized_output(lin, data.a)
+    if shrink:
+        s, t, info["shrink_beta"] = _fit_output_shrunk(yq, y, data, mode == "diag", val_every)
+    else:
+        s, t = _fit_output(yq, y, data.weight, affine=mode == "diag")
     attach_correction_(lin, LinearCorrection(out_scale=s, out_bias=t))
     info["out_mse_after"] = _out_mse(lin, data, y)
     return info
@@ -265,6 +329,7 @@ def fit_corrections_(
     val_every: int = 4,
     max_tokens: int = MAX_TOKENS,
     prefix_share: float | None = PREFIX_SHARE,
+    shrink: bool = False,
     fold: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -288,6 +353,8 @@ def fit_corrections_(
         prefix_share: share of the fitting weight given to the prefix (class) tokens together; the head reads
             only the class token, which one affine map per layer otherwise fits as one token among ``T``.
             None weighs every token alike.
+        shrink: move each output correction towards the identity by the strength chosen on held-out images
+            (see the module docstring).
         fold: fold every correction before returning.
         seed: seed of the token subsampling.
 
@@ -324,7 +391,7 @@ def fit_corrections_(
             for name, lin in named_block_linears(model, qb):
                 data = _collect_layer(qb, fb, lin, fmods[name], xq, xf, batch_size, max_tokens, n_prefix, gen)
                 data.reweight_(prefix_share)
-                info = _fit_layer(lin, fmods[name], data, mode, alphas, default_alpha, val_every)
+                info = _fit_layer(lin, fmods[name], data, mode, alphas, default_alpha, val_every, shrink)
                 report["layers"][name] = info
                 logger.debug("%s: %s", name, info)
             logger.info("corrected block %d/%d (%s)", i + 1, len(qblocks), mode)
