@@ -5,7 +5,8 @@ summaries other experiments read (``experiments/calib_ranges.py``).
 
 Deployable presets (W8A8, W4A16, W3A16, W2A16) are exported to QDQ ONNX and evaluated in ONNX Runtime (CPU,
 optimizations on, INT4 MatMulNBits at accuracy level 0 so activations stay float). Research presets (W3A3,
-W4A3, W4A4, W5A5, W6A6: every matmul input quantized, MSE ranges; ``--log2`` adds log2 softmax variants) have
+W4A3, W4A4, W5A5, W6A6: every matmul input quantized, MSE ranges; ``--log2`` adds log2 softmax variants; the
+papers' protocol ``W4A4-paper``, ``W4A3-paper``, ``W3A3-paper``; variants ``PRESET:key=value``) have
 no deployable kernel: they are evaluated on the PyTorch fake-quant model and labelled "simulated" everywhere.
 Deployable graphs are exported in ``--dtype`` (default FP16, the graph ``dfq-deploy export`` ships for
 TensorRT). FP32 is the float PyTorch model exported to an FP32 ONNX graph and run in ONNX Runtime.
@@ -62,6 +63,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTPUT = Path("experiments") / "results"
 DEPLOYABLE = ["W8A8", "W4A16", "W3A16", "W2A16"]
 SIMULATED = ["W6A6", "W5A5", "W4A4", "W4A3", "W3A3"]
+#: The papers' protocol (asymmetric activations, log2 softmax, 8-bit patch embedding and head): comparable with
+#: the data-free ViT papers' tables.
+PAPER = ["W4A4-paper", "W4A3-paper", "W3A3-paper"]
 EXTRA_SIMULATED = ["W4A8"]  # not in the default grid; for the reparameterisation comparison
 
 
@@ -76,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sources", default="all",
                    help="comma list of calibration sources (default: all registered); a variant with options is "
                         "written NAME:key=value+key=value, e.g. dfqvit:global_frac=0 (ablations)")
-    p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED),
+    p.add_argument("--presets", default=",".join(DEPLOYABLE + SIMULATED + PAPER),
                    help="comma list of presets; a variant is written PRESET:key=value+key=value with QuantConfig "
                         "fields, e.g. W4A3:a_grid=asymmetric+a_calib=sequential (ablations)")
     p.add_argument("--log2", action="store_true", help="also simulate log2 softmax quantizers (W4A4-log2, ...)")
@@ -113,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_samples = min(args.num_samples, 4)
         if args.sources == "all":
             args.sources = "noise"
-        if args.presets == ",".join(DEPLOYABLE + SIMULATED):
+        if args.presets == ",".join(DEPLOYABLE + SIMULATED + PAPER):
             args.presets = "W4A16,W4A4"
     return args
 
