@@ -67,8 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.output or f"out/{spec.name}-{label}"
     calibration = CalibrationConfig(source=args.calib, num_samples=args.num_samples, iterations=args.synth_iters,
                                     precision=args.synth_dtype, calib_dir=args.calib_dir, calib_from=args.calib_from)
-    correction = CorrectionConfig(mode=args.correct, reparam=args.reparam, reconstruct=args.reconstruct,
-                                  reconstruct_iters=args.reconstruct_iters)
+    correction = CorrectionConfig(mode=args.correct, shrink=args.shrink, reparam=args.reparam,
+                                  reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters)
     report = export_model(ExportOptions(
         model=spec, bits=args.bits, quant=cfg, calibration=calibration, correction=correction, dtype=args.dtype,
         output=out, seed=args.seed, parity_threshold=args.parity_threshold, eval_data=args.eval_data,
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-from", help="calibrate with a saved `dfq-deploy synth` output folder")
     e.add_argument("--correct", default=cor.mode, choices=CORRECTION_MODES,
                    help=f"closed-form activation correction folded into the weights (default {cor.mode})")
+    e.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=cor.shrink,
+                   help="move each correction towards the identity by a strength chosen on held-out calibration "
+                        f"images (default {'on' if cor.shrink else 'off'})")
     e.add_argument("--reparam", action="store_true",
                    help="fold per-channel LayerNorm output scales into the weights before calibration (W8A8)")
     e.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction (Adam) before correcting")

@@ -44,7 +44,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 _CALIBRATION_KEYS = {"calib": "source", "num_samples": "num_samples", "synth_iters": "iterations",
                      "synth_precision": "precision", "calib_dir": "calib_dir", "calib_from": "calib_from"}
-_CORRECTION_KEYS = {"correct": "mode", "reparam": "reparam", "reconstruct": "reconstruct",
+_CORRECTION_KEYS = {"correct": "mode", "shrink": "shrink", "reparam": "reparam", "reconstruct": "reconstruct",
                     "reconstruct_iters": "reconstruct_iters"}
 
 
