@@ -34,6 +34,7 @@ class QuantStudent:
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig) -> None:
+        self.config = config
         self.model = prepare_(copy.deepcopy(model).eval(), config)
         calibrate_weights_(self.model)
         set_quant_enabled_(self.model, True)
@@ -41,17 +42,27 @@ class QuantStudent:
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> torch.Tensor:
-        """Fit the activation ranges on ``images``; returns the scales (for checkpoints)."""
+        """Fit the activation ranges on ``images``; returns the scales (for checkpoints): ``[n]``, or ``[2, n]``
+        (scales, zero points) on an asymmetric grid."""
         if not self.quantizers:
             return torch.zeros(0)
-        calibrate_activations_(self.model, batches_loop(images, batch_size=len(images)))
-        return torch.stack([q.scale.reshape(()) for q in self.quantizers])
+        calibrate_activations_(self.model, batches_loop(images, batch_size=len(images)),
+                               sequential=self.config.a_calib == "sequential")
+        scales = torch.stack([q.scale.reshape(()) for q in self.quantizers])
+        if not any(q.asymmetric for q in self.quantizers):
+            return scales
+        zero = torch.zeros((), device=scales.device)
+        return torch.stack([scales, torch.stack([q.zero_point.reshape(()) if q.asymmetric else zero
+                                                 for q in self.quantizers])])
 
     def load_scales(self, scales: torch.Tensor) -> None:
-        """Set the activation scales saved by :meth:`calibrate`."""
+        """Set the activation scales (and zero points) saved by :meth:`calibrate`."""
         device = next(self.model.parameters()).device
-        for q, s in zip(self.quantizers, scales, strict=True):
+        zero_points = scales[1] if scales.dim() == 2 else None
+        for i, (q, s) in enumerate(zip(self.quantizers, scales[0] if scales.dim() == 2 else scales, strict=True)):
             q.scale = s.to(device, copy=True)
+            if q.asymmetric and zero_points is not None:
+                q.zero_point = zero_points[i].to(device, copy=True)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,21 @@ def test_paper_protocol_quantizes_patch_embedding_and_head_at_8_bits(tiny_model)
     with torch.no_grad():
         out = tiny_model(x[:2])
     assert torch.isfinite(out).all()
+
+
+def test_student_scales_round_trip_with_zero_points(tiny_model):
+    from dfq_deploy.quant.student import QuantStudent
+
+    x = torch.randn(8, 3, 32, 32)
+    student = QuantStudent(tiny_model, PRESETS["W4A3-paper"])
+    saved = student.calibrate(x)
+    assert saved.shape == (2, len(student.quantizers))  # scales and zero points
+    with torch.no_grad():
+        want = student(x)
+    other = QuantStudent(tiny_model, PRESETS["W4A3-paper"])
+    other.calibrate(torch.randn(8, 3, 32, 32) * 3)  # other ranges, then restored
+    other.load_scales(saved)
+    with torch.no_grad():
+        assert torch.equal(other(x), want)
+    symmetric = QuantStudent(tiny_model, PRESETS["W4A3"]).calibrate(x)
+    assert symmetric.dim() == 1  # the format checkpoints had before zero points existed
