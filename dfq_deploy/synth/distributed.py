@@ -32,16 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dfq_deploy.errors import DfqError
+from dfq_deploy.errors import CollectiveError, DfqError
 
 logger = logging.getLogger(__name__)
 
 #: The environment variables ``torchrun`` sets for each worker.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class CollectiveError(DfqError):
-    """A :class:`DfqError` raised the same way on every rank (the CLI prints it on rank 0 only)."""
 
 
 def env_rank() -> tuple[int, int, int]:
