@@ -2,6 +2,10 @@
 
 Errors in user input end with one line on stderr and exit code 2; Ctrl-C exits with 130 and leaves no
 half-written files (every output is written atomically).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m dfq_deploy synth ...``, or ``export`` with a synthesis
+``--calib``) every rank synthesises its share of the images; rank 0 logs, shows the progress bar, writes the
+outputs and prints the result, the other ranks log errors only.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +25,7 @@ from dfq_deploy.config import (
     CalibrationConfig,
     CorrectionConfig,
 )
-from dfq_deploy.errors import DfqError
+from dfq_deploy.errors import CollectiveError, DfqError
 from dfq_deploy.trt.plan import CALIBRATORS, DEFAULT_WORKSPACE_MB, PRECISIONS
 
 logger = logging.getLogger("dfq_deploy")
@@ -74,6 +79,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         output=out, seed=args.seed, parity_threshold=args.parity_threshold, eval_data=args.eval_data,
         eval_limit=args.eval_limit, progress=not args.quiet, plot=args.plot, device=args.device,
     ))
+    if "artifact" not in report:  # a torchrun rank other than 0: it synthesised its share, rank 0 exports
+        return 0
     from dfq_deploy.export.parity import parity_sets
 
     sets = parity_sets(report["parity"]).values()
@@ -95,11 +102,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
     from dfq_deploy.synth import METHODS, synthesize_to_dir
+    from dfq_deploy.synth.distributed import init_from_env, is_main_process
 
     spec = _spec(args)
     spec.timm_name  # noqa: B018 - an unknown model fails before anything else
     METHODS.get(args.method)
-    device = resolve_device(args.device)
+    device = init_from_env(resolve_device(args.device))  # under torchrun: join the group; cuda:LOCAL_RANK
     try:
         options = json.loads(args.options) if args.options else None
     except json.JSONDecodeError as exc:
@@ -115,7 +123,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
                           output_dir=out, seed=args.seed, resume=args.resume, options=options,
                           progress=not args.quiet, checkpoint_every=args.checkpoint_every,
                           model_info=spec.to_dict())
-    print(f"wrote {len(calib)} {args.method} images to {out} (images.safetensors, contact_sheet.png, loss.png)")
+    if is_main_process():
+        print(f"wrote {len(calib)} {args.method} images to {out} (images.safetensors, contact_sheet.png, loss.png)")
     return 0
 
 
@@ -345,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    worker = os.environ.get("RANK", "0").strip() not in ("", "0")  # a torchrun rank other than 0
+    if worker:
+        level = logging.ERROR  # logs and progress come from rank 0
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("onnxscript", "torch", "onnx_ir", "timm"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -352,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except DfqError as exc:
-        print(f"dfq-deploy: error: {exc}", file=sys.stderr)
+        if not (worker and isinstance(exc, CollectiveError)):  # raised alike on every rank: said once, by rank 0
+            print(f"dfq-deploy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfq-deploy: interrupted (no partial outputs were written)", file=sys.stderr)

@@ -7,3 +7,7 @@ class DfqError(Exception):
 
 class MissingDependencyError(DfqError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class CollectiveError(DfqError):
+    """A :class:`DfqError` raised alike on every rank of a ``torchrun`` job (the CLI prints it on rank 0 only)."""

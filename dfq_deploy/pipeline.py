@@ -35,6 +35,7 @@ from dfq_deploy.models import ModelSpec, create_model, data_config, require_chec
 from dfq_deploy.quant.correct import plot_block_errors
 from dfq_deploy.quant.recipe import HELD_SEED_OFFSET, quantize_
 from dfq_deploy.synth import METHODS, CalibRequest, get_source, load_synth_dir
+from dfq_deploy.synth.distributed import current, init_from_env
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def check_inputs(opts: ExportOptions) -> None:
         ImageFolder(cal.calib_dir)
     if opts.eval_data is not None:
         ImageFolder(opts.eval_data)
-    _check_writable(Path(opts.output))
+    if current(init_from_env(resolve_device(opts.device))).is_main:  # under torchrun, rank 0 writes the export
+        _check_writable(Path(opts.output))
 
 
 def _calibrates(opts: ExportOptions) -> bool:
@@ -198,6 +200,9 @@ def precision_of(cfg: QuantConfig) -> str:
 def export_model(opts: ExportOptions) -> dict[str, Any]:
     """Run the export job and return its report (also written to ``OUTPUT/report.json``).
 
+    Under ``torchrun`` a synthesis ``--calib`` runs on every rank (each synthesises its share of the images);
+    rank 0 does everything else and returns the report, the other ranks return ``{"rank", "world_size"}``.
+
     Raises:
         DfqError: bad input, a TensorRT-rule violation, or failed parity; nothing is left in the output folder.
     """
@@ -210,7 +215,12 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = init_from_env(resolve_device(opts.device))  # under torchrun: this rank's device, in the group
+    comm = current(device)
+    synthesizes = _calibrates(opts) and cal.calib_from is None and cal.source in METHODS.names()
+    if not comm.is_main and not synthesizes:  # only synthesis is shared out; the rest is rank 0's
+        logger.info("rank %d: nothing to do (only a synthesis --calib runs on several processes)", comm.rank)
+        return {"rank": comm.rank, "world_size": comm.world_size}
     model = create_model(opts.model).to(device)  # every PyTorch stage runs where the model is
     dcfg = data_config(model)
     timings["model_s"] = time.perf_counter() - t
@@ -232,6 +242,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             if cal.precision is not None:
                 options["precision"] = cal.precision
         calib = get_source(source)(model, CalibRequest(cal.num_samples, opts.seed, dcfg, cal.calib_dir, options))
+    if not comm.is_main:  # this rank synthesised its share of the images; rank 0 quantizes and exports
+        return {"rank": comm.rank, "world_size": comm.world_size}
     held_source = source if source in CHEAP_SOURCES and cal.calib_from is None else "noise"
     held = get_source(held_source)(
         model, CalibRequest(len(calib), opts.seed + HELD_SEED_OFFSET, dcfg, cal.calib_dir))

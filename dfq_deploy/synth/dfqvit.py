@@ -49,6 +49,15 @@ Measured on the bundled model (README, "What the synthesis methods do"): over 20
 0.3-0.7 +- 0.5 at 3-bit activations, and costs 0.23 +- 0.08 at W2A16 (weight-only: use ``global_frac=0``
 there); the hard stage (student reweighting) changes nothing measurable over 5 seeds and the adversarial term
 lowered accuracy in a 2-seed probe, so neither is on by default.
+
+Several processes (``torchrun``): the global and detail stages have no term that couples images, so the
+sharded result is bitwise the one-process result (with ``batch_size`` set so that the shards are whole
+micro-batches). The hard stage couples them twice, and both go through a collective: the disagreement
+weights are normalised over all images (each rank all-gathers the full-precision and student logits of every
+image and computes the one-process weights), and the built-in student's activation ranges are fitted on all
+images (each rank all-gathers the images; every rank then holds the same ranges). Its result equals the
+one-process result within floating-point tolerance (the no-grad forward passes of the weights see a rank's
+images, not all of them, so their matrix products sum in another order; the test allows 1e-4).
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ from dfq_deploy.config import QuantConfig, preset
 from dfq_deploy.errors import DfqError
 from dfq_deploy.registry import Registry
 from dfq_deploy.synth.attn import AttentionTaps
+from dfq_deploy.synth.draws import ImageDraws
 from dfq_deploy.synth.method import SynthMethod, synth_method
 from dfq_deploy.synth.options import SynthOptions, check_option
 from dfq_deploy.synth.priors import soft_cross_entropy
@@ -272,10 +282,11 @@ class Dfqvit(SynthMethod):
         return max(1, self.input_size[1] // f), max(1, self.input_size[2] // f)
 
     # -- parameterisation: low resolution first
-    def init_params(self, gen: torch.Generator) -> torch.Tensor:
+    def init_params(self, gen: torch.Generator, count: int | None = None) -> torch.Tensor:
         if self.stages()[0].name == "global":
-            return torch.randn((self.opts.num_samples, self.input_size[0], *self.lowres_size), generator=gen)
-        return super().init_params(gen)
+            shape = (count or self.opts.num_samples, self.input_size[0], *self.lowres_size)
+            return torch.randn(shape, generator=gen)
+        return super().init_params(gen, count)
 
     def adapt_params(self, it: int, stage: Stage, params: torch.Tensor) -> torch.Tensor | None:
         if stage.name != "global" and tuple(params.shape[-2:]) != tuple(self.input_size[1:]):
@@ -293,8 +304,8 @@ class Dfqvit(SynthMethod):
         return F.interpolate(x, size=self.input_size[1:], mode="bilinear", align_corners=False)
 
     # -- targets
-    def init_state(self, gen: torch.Generator) -> None:
-        n, c = self.opts.num_samples, self.num_classes
+    def init_state(self, gen: torch.Generator, count: int | None = None) -> None:
+        n, c = count or self.opts.num_samples, self.num_classes
         labels = torch.randint(0, c, (n,), generator=gen)
         self.state["labels"] = labels
         self.state["easy_targets"] = easy_targets(labels, c, self.opts.easy_confidence)
@@ -307,7 +318,9 @@ class Dfqvit(SynthMethod):
     def tv_weight(self, stage: Stage) -> float:
         return self.opts.global_tv_weight if stage.name == "global" else self.opts.tv_weight
 
-    def step_context(self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    def step_context(
+        self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator, draws: ImageDraws | None = None
+    ) -> dict[str, Any]:
         ctx: dict[str, Any] = {"pairs": draw_pair_subsets(self.blocks, self.opts.kde_max_pairs, gen)}
         if stage.name == "hard" and self.opts.has_student:
             with torch.no_grad():
@@ -318,7 +331,10 @@ class Dfqvit(SynthMethod):
                 fp = self.model(images)
                 self._taps.clear()
                 student_logits = student(images)
-            ctx["weights"] = disagreement_weights(fp, student_logits, self.opts.hard_gamma)
+            # normalised over all images: every rank computes the weights of all of them, keeps its rows
+            shard = self.shard
+            weights = disagreement_weights(shard.gather(fp), shard.gather(student_logits), self.opts.hard_gamma)
+            ctx["weights"] = shard.local(weights)
             ctx["student"] = getattr(student, "differentiable", student)
         return ctx
 
@@ -327,7 +343,8 @@ class Dfqvit(SynthMethod):
         restored from the method state after a resume)."""
         assert self._qstudent is not None
         if step % self.opts.student_refresh == 0 or "student.scales" not in self.state:
-            self.state["student.scales"] = self._qstudent.calibrate(images)
+            # fitted on all images (gathered from every rank): the same ranges on every rank
+            self.state["student.scales"] = self._qstudent.calibrate(self.shard.gather(images))
         else:  # a few dozen scalars: cheap, and right after a resume too
             self._qstudent.load_scales(self.state["student.scales"])
         return self._qstudent

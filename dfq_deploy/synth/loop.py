@@ -13,16 +13,27 @@ its own random targets; this module does everything else, once:
   ``(0 - mean) / std .. (1 - mean) / std`` per channel, and a total-variation (TV) prior is added to the loss.
 * **Model**: eval mode, fused attention off, parameters frozen (``requires_grad=False``); all three are
   restored afterwards, also when synthesis fails.
+* **Random draws** (:mod:`~dfq_deploy.synth.draws`): CPU ``torch.Generator`` objects keyed by hashes, never a
+  global RNG: an image's starting pixels and targets/priors come from its own generator keyed by (seed, global
+  image index), per-image draws of a step (SPDFQ's crops) from one keyed by (seed, index, step), and the draws
+  every image shares in a step (jitter, flip, PSAQ-ViT's token pairs) from one keyed by (seed, step). So an
+  image does not depend on which process optimises it or on where a run was resumed.
 * **Bookkeeping**: a tqdm progress bar (iteration, loss terms, images/s), a per-iteration history of every
   loss term, and atomic checkpoints every ``checkpoint_every`` iterations and at the end. A checkpoint holds
-  the images, Adam's state, the iteration, the method's random targets/priors, the loss history and the
-  states of the two ``torch.Generator`` objects that make all random draws (no global RNG, no numpy or Python
-  ``random``), so a resumed run reproduces an uninterrupted one bit for bit on the same machine.
+  the images, Adam's state, the iteration, the method's random targets/priors and the loss history, rows keyed
+  by global image index (:mod:`~dfq_deploy.synth.checkpoint`), so a resumed run reproduces an uninterrupted
+  one bit for bit on the same machine, with the same or another number of processes.
+* **Processes**: under ``torchrun`` every rank optimises a slice of the images
+  (:mod:`~dfq_deploy.synth.distributed`); the loss values of every pass are all-gathered so that the history,
+  and a stop on a NaN, are the same on every rank; the progress bar and the logs come from rank 0.
 * **Failure**: a NaN or inf loss term stops the run with a :class:`DfqError` naming the term; the last good
   checkpoint is left untouched.
 
 Losses are means over images, so ``batch_size`` (micro-batching, to bound memory) only changes the floating
-point summation order, not the objective.
+point summation order, not the objective. Per-image results do depend, in their last bits, on the size of
+the pass they are in (the model's matrix products sum in another order), which is why several processes
+shard whole micro-batches of the one-process run when ``batch_size`` allows
+(:func:`~dfq_deploy.synth.distributed.shard_bounds`).
 """
 
 
@@ -53,11 +64,18 @@ from dfq_deploy.synth.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     check_resumable,
+    checkpoint_files,
+    find_resume_set,
     jsonable_cfg,
     load_checkpoint,
     model_fingerprint,
+    remove_other_checkpoints,
     save_checkpoint,
+    select_rows,
+    shard_checkpoint_path,
 )
+from dfq_deploy.synth.distributed import CollectiveError, Comm, Shard, current, local_device, shard_bounds
+from dfq_deploy.synth.draws import ImageDraws, image_generator, step_generator
 from dfq_deploy.synth.method import SynthMethod, get_method, method_options, synthesis_mode
 from dfq_deploy.synth.options import LR_VIT, SynthOptions
 from dfq_deploy.synth.priors import total_variation, valid_range
@@ -68,7 +86,7 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the images a synthesizer makes for given options change (benchmark caches key on it). It started at
 #: the package version it was split from.
-SYNTH_REVISION = "0.1.0"
+SYNTH_REVISION = "0.2.0"  # 0.2.0: random draws keyed by image (the same images on any number of processes)
 
 
 @dataclass
@@ -89,6 +107,8 @@ class SynthResult:
         fingerprint: :func:`model_fingerprint` of the model.
         device: where it ran (:func:`dfq_deploy.device.describe_device`).
         peak_memory_bytes: peak memory torch allocated on a CUDA device during the run (None on the CPU).
+        world_size: processes that synthesised (``torch.distributed``; 1 without it).
+        backend: their ``torch.distributed`` backend (``gloo``, ``nccl``; ``none`` for one process).
     """
 
     images: torch.Tensor
@@ -104,6 +124,8 @@ class SynthResult:
     fingerprint: str = ""
     device: dict[str, Any] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
+    world_size: int = 1
+    backend: str = "none"
 
     @property
     def seconds_per_iteration(self) -> float | None:
@@ -139,6 +161,10 @@ def synthesize(
     are made on the CPU, so a seed gives the same starting images and targets on every device; the result
     and the checkpoints are CPU tensors.
 
+    In a ``torchrun`` worker (or with a ``torch.distributed`` process group already initialised) the images are
+    sharded over the ranks (:mod:`~dfq_deploy.synth.distributed`); every rank returns the whole, gathered
+    result, which equals the one-process result for the same seed, and writes its own checkpoint file.
+
     Args:
         model: full-precision timm ViT/DeiT/Swin (its mode, fused-attention flags and ``requires_grad`` flags
             are restored afterwards).
@@ -154,7 +180,8 @@ def synthesize(
         device: ``auto``, ``cpu``, ``cuda[:N]`` or a ``torch.device``; None: where the model is.
 
     Raises:
-        DfqError: bad options, unsuitable model, checkpoint mismatch, or a NaN/inf loss term.
+        DfqError: bad options, unsuitable model, checkpoint mismatch, or a NaN/inf loss term; under
+            torch.distributed also more ranks than images, or ranks that disagree on the model or settings.
     """
     cls = get_method(method)
     opts = options if isinstance(options, cls.Options) else method_options(method, options)  # type: ignore[arg-type]
@@ -163,18 +190,20 @@ def synthesize(
     if stop_after is not None and stop_after < 0:
         raise DfqError(f"stop_after={stop_after} must be >= 0")
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and opts.precision is None and ckpt_path is not None and ckpt_path.is_file():
+    files = checkpoint_files(ckpt_path) if resume and ckpt_path is not None else []
+    if opts.precision is None and files:
         # the run goes on in the precision it started with, on whichever device it resumes
-        saved = load_checkpoint(ckpt_path).get("options", {})
+        saved = load_checkpoint(files[0]).get("options", {})
         opts = opts.with_(precision=saved.get("precision", opts.replay_defaults.get("precision")))
     home = model_device(model)
-    target = home if device is None else resolve_device(device)
+    target = local_device(home if device is None else resolve_device(device))
+    comm = current(target)  # torch.distributed under torchrun (joined here if need be), else this process alone
     if target != home:
         model.to(target)
     try:
         with synthesis_mode(model):
             m = cls(model, data_cfg, opts)
-            return _optimise(m, ckpt_path, resume, checkpoint_every, progress, stop_after)
+            return _optimise(m, ckpt_path, resume, checkpoint_every, progress, stop_after, comm)
     finally:
         if target != home:
             model.to(home)
@@ -187,6 +216,7 @@ def _optimise(
     checkpoint_every: int,
     progress: bool,
     stop_after: int | None,
+    comm: Comm,
 ) -> SynthResult:
     from tqdm.auto import tqdm
 
@@ -196,45 +226,70 @@ def _optimise(
     n = opts.num_samples
     stages = m.stages()
     fingerprint = model_fingerprint(m.model)
-    gen_init = torch.Generator().manual_seed(opts.seed)
-    gen_step = torch.Generator()
+    comm.check_same("the model", fingerprint,
+                    "give every rank the same --model, --checkpoint and --seed (the weights' hashes differ)")
+    comm.check_same("the synthesis settings", f"{name}:{opts.to_json()}:{jsonable_cfg(m.data_cfg)}",
+                    "give every rank the same method, options, --num-samples and --seed")
+    start_idx, stop_idx = shard_bounds(n, comm.world_size, opts.batch_size)[comm.rank]
+    m.shard = shard = Shard(start_idx, stop_idx, n, comm)
+    n_local = len(shard)
     history: list[dict[str, Any]] = []
+    main = comm.is_main
 
-    ckpt = None
+    loaded: list[tuple[Path, dict[str, Any]]] = []
     if resume and ckpt_path is not None:
-        if ckpt_path.is_file():
-            ckpt = load_checkpoint(ckpt_path)
-            check_resumable(ckpt, m, fingerprint, ckpt_path)
-        else:
+        loaded = find_resume_set(ckpt_path, n)
+        found = int(loaded[0][1]["iteration"]) if loaded else -1
+        seen = {v[0] for v in comm.all_gather_ints([found])}
+        if len(seen) > 1:
+            raise CollectiveError(f"the ranks see different checkpoints in {ckpt_path.parent} (iterations "
+                                  f"{sorted(seen)}): put --output on a filesystem every rank shares")
+        for path, ckpt in loaded:
+            check_resumable(ckpt, m, fingerprint, path)
+        if not loaded and main:
             logger.warning("no checkpoint at %s: starting from iteration 0", ckpt_path)
     device = m.device
-    if ckpt is None:
-        params = m.init_params(gen_init).to(device)  # drawn on the CPU: the same images on every device
-        m.init_state(gen_init)
-        gen_step.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen_init)))
+    image_keys: list[str]
+    if not loaded:
+        rows, states = [], []
+        for i in shard.indices:  # each image's own generator: the same image on any rank, any world size
+            g = image_generator(opts.seed, i)
+            rows.append(m.init_params(g, 1))
+            m.state = {}
+            m.init_state(g, 1)
+            states.append(m.state)
+        image_keys = list(states[0])
+        m.state = {k: torch.cat([s[k] for s in states]) for k in image_keys}
+        params = torch.cat(rows).to(device)  # drawn on the CPU: the same images on every device
         start = 0
+        saved_optimizer = None
     else:
-        params = ckpt["params"].to(device, copy=True)
-        m.state = {k: v.clone() for k, v in ckpt["state"].items()}
-        gen_init.set_state(ckpt["rng"]["init"])
-        gen_step.set_state(ckpt["rng"]["step"])
-        history = list(ckpt["history"])
-        start = int(ckpt["iteration"])
-        logger.info("resuming %s from iteration %d/%d (%s)", name, start, total, ckpt_path)
+        picked = select_rows(loaded, start_idx, stop_idx)
+        params = picked["params"].to(device, copy=True)
+        image_keys = list(picked["state"])
+        m.state = {**{k: v.clone() for k, v in picked["state"].items()},
+                   **{k: v.clone() for k, v in picked["shared"].items()}}
+        saved_optimizer = picked["optimizer"]
+        history = list(loaded[0][1]["history"])
+        start = int(loaded[0][1]["iteration"])
+        if main:
+            logger.info("resuming %s from iteration %d/%d (%s)", name, start, total,
+                        ", ".join(p.name for p, _ in loaded))
     params.requires_grad_(True)
     optimizer = _adam(params, opts)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+    if saved_optimizer is not None:
+        optimizer.load_state_dict(saved_optimizer)  # moves the moments to the parameters' device
 
     lo, hi = (t.to(device) for t in valid_range(m.data_cfg))
-    last_saved = start if ckpt is not None else None
+    last_saved = start if loaded else None
 
     def save(it_done: int) -> None:
         nonlocal last_saved
         if ckpt_path is None:
             return
+        path = shard_checkpoint_path(ckpt_path, comm.rank, comm.world_size, it_done)
         save_checkpoint(
-            ckpt_path,
+            path,
             {
                 "format": CHECKPOINT_FORMAT,
                 "version": CHECKPOINT_VERSION,
@@ -242,24 +297,32 @@ def _optimise(
                 "options": opts.to_dict(),
                 "iteration": it_done,
                 "total": total,
+                "indices": torch.arange(start_idx, stop_idx),  # global image index of every row below
+                "world_size": comm.world_size,
+                "rank": comm.rank,
                 "params": params.detach().cpu().clone(),  # checkpoints are CPU tensors: resumable anywhere
                 "optimizer": _to_cpu(optimizer.state_dict()),
                 "state": {k: v.detach().cpu().clone() for k, v in m.state.items()},
+                "image_keys": image_keys,
                 "history": history,
-                "rng": {"init": gen_init.get_state(), "step": gen_step.get_state()},
                 "model_fingerprint": fingerprint,
                 "data_cfg": jsonable_cfg(m.data_cfg),
             },
         )
+        comm.barrier()  # every rank has its file of this iteration: the older set can go
+        if main:
+            mine = [shard_checkpoint_path(ckpt_path, r, comm.world_size, it_done) for r in range(comm.world_size)]
+            remove_other_checkpoints(ckpt_path, mine)
         last_saved = it_done
-        logger.debug("checkpoint at iteration %d -> %s", it_done, ckpt_path)
+        logger.debug("checkpoint at iteration %d -> %s", it_done, path)
 
     it = start
     ran = 0
     chunk = opts.batch_size  # images per forward/backward pass (None: all); halved on CUDA out-of-memory
     peak_memory_reset(device)
     t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"synth {name}", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"synth {name}", unit="it",
+               dynamic_ncols=True)
     try:
         with m.taps():
             while it < total and (stop_after is None or ran < stop_after):
@@ -272,14 +335,16 @@ def _optimise(
                 lr = lr_at(stages, it, opts.lr, opts.warmup)  # type: ignore[arg-type]
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                gen_step = step_generator(opts.seed, it)  # shared by all images: the same on every rank
                 shift, flip = _draw_augmentation(gen_step, opts)
-                ctx = m.step_context(it, stage, params, gen_step)
+                draws = ImageDraws(opts.seed, shard.indices, it)  # per image: keyed by its global index
+                ctx = m.step_context(it, stage, params, gen_step, draws)
                 ctx["augment"] = (shift, flip)
                 while True:  # one step; on CUDA out-of-memory, again in half-size chunks (chunks are exact)
                     optimizer.zero_grad(set_to_none=True)
-                    sums: dict[str, float] = {}
+                    passes: list[tuple[int, dict[str, float]]] = []
                     try:
-                        for idx in _chunks(n, chunk):
+                        for idx in _chunks(n_local, chunk):
                             frac = (idx.stop - idx.start) / n
                             with synthesis_numerics(device, opts.precision):
                                 clean = m.render(params[idx], stage)
@@ -289,28 +354,36 @@ def _optimise(
                                 if w_tv:
                                     terms["tv"] = w_tv * total_variation(clean)
                             values = {k: float(v.detach()) for k, v in terms.items()}
-                            _check_finite(values, name, it, ckpt_path, last_saved)
-                            (sum(terms.values()) * frac).backward()  # type: ignore[union-attr]
-                            for k, v in values.items():
-                                sums[k] = sums.get(k, 0.0) + v * frac
+                            passes.append((idx.stop - idx.start, values))
+                            if all(math.isfinite(v) for v in values.values()):  # else: stop below, on every rank
+                                (sum(terms.values()) * frac).backward()  # type: ignore[union-attr]
                             m.end_chunk()
                         break
                     except torch.OutOfMemoryError:
                         m.end_chunk()
                         terms = values = {}  # drop the graph before retrying
-                        if device.type != "cuda" or (chunk or n) <= 1:
+                        if device.type != "cuda" or (chunk or n_local) <= 1:
                             raise
-                        chunk = max(1, (chunk or n) // 2)
+                        chunk = max(1, (chunk or n_local) // 2)
                         torch.cuda.empty_cache()
                         logger.warning("%s: out of GPU memory at iteration %d: %d images a pass from now on "
                                        "(set the option batch_size=%d to start there)", name, it + 1, chunk, chunk)
-                if params.grad is not None and not torch.isfinite(params.grad).all():
+                grad_ok = params.grad is None or bool(torch.isfinite(params.grad).all())
+                sums, grads_ok = _combine_passes(comm, passes, grad_ok, n)
+                for _, values in sums:
+                    _check_finite(values, name, it, ckpt_path, last_saved)
+                if not grads_ok:
                     _check_finite({"gradient": float("nan")}, name, it, ckpt_path, last_saved)
                 optimizer.step()
                 with torch.no_grad():
                     plo, phi = lo.to(params.dtype), hi.to(params.dtype)
                     params.copy_(torch.maximum(torch.minimum(params, phi), plo))
-                record = {"iteration": it + 1, "stage": stage.name, "lr": lr, "total": sum(sums.values()), **sums}
+                terms_sum: dict[str, float] = {}
+                for size, values in sums:  # the one-process order of the passes: the same sums bit for bit
+                    for k, v in values.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + v * (size / n)
+                record = {"iteration": it + 1, "stage": stage.name, "lr": lr, "total": sum(terms_sum.values()),
+                          **terms_sum}
                 history.append(record)
                 it += 1
                 ran += 1
@@ -330,11 +403,14 @@ def _optimise(
     seconds = time.perf_counter() - t_start
     with torch.no_grad():
         images = m.render(params.detach(), stage_at(stages, max(it - 1, 0))).float().cpu().clone()
-    if it == total:
-        logger.info("%s: %d images after %d iterations (%.2f s/it)", name, n, it, seconds / max(ran, 1))
+    images = shard.gather(images)
+    targets = shard.gather(m.targets().float().cpu().clone())
+    if it == total and main:
+        logger.info("%s: %d images after %d iterations (%.2f s/it%s)", name, n, it, seconds / max(ran, 1),
+                    f", {comm.world_size} processes" if comm.active else "")
     return SynthResult(
         images=images,
-        targets=m.targets().float().cpu().clone(),
+        targets=targets,
         history=history,
         iteration=it,
         complete=it == total,
@@ -344,9 +420,26 @@ def _optimise(
         seconds=seconds,
         iterations_run=ran,
         fingerprint=fingerprint,
-        device={**describe_device(device), "images_per_pass": chunk or n},
+        device={**describe_device(device), "images_per_pass": chunk or n_local},
         peak_memory_bytes=peak_memory_bytes(device),
+        world_size=comm.world_size,
+        backend=comm.backend,
     )
+
+
+def _combine_passes(
+    comm: Comm, passes: list[tuple[int, dict[str, float]]], grad_ok: bool, n: int
+) -> tuple[list[tuple[int, dict[str, float]]], bool]:
+    """Every rank's (images, loss values) per forward pass, in global image order, and whether all gradients
+    are finite: all-gathered, so every rank sums the history, and stops on a NaN, alike."""
+    if not comm.active:
+        return passes, grad_ok
+    keys = list(passes[0][1])
+    table = torch.tensor([[float(size), float(grad_ok), *(vals[k] for k in keys)] for size, vals in passes],
+                         dtype=torch.float64)
+    rows = comm.all_gather_rows(table)
+    out = [(int(r[0]), dict(zip(keys, r[2:].tolist(), strict=True))) for r in rows]
+    return out, bool((rows[:, 1] > 0).all())
 
 
 def _to_cpu(obj: Any) -> Any:

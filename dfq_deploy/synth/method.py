@@ -17,6 +17,8 @@ from dfq_deploy.device import default_synth_precision, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.attn import is_swin, probe_attention
 from dfq_deploy.synth.base import SOURCES, CalibRequest, CalibSet, register_synthesizer
+from dfq_deploy.synth.distributed import Shard
+from dfq_deploy.synth.draws import ImageDraws
 from dfq_deploy.synth.options import LR_SWIN, LR_VIT, SynthOptions
 from dfq_deploy.synth.schedule import Stage
 
@@ -50,6 +52,11 @@ class SynthMethod:
     Subclasses set ``Options`` and implement :meth:`init_state`, :meth:`losses` and :meth:`targets`; they may
     override the other hooks (stages, parameterisation, per-step random draws, attention taps).
 
+    The loop calls :meth:`init_params` and :meth:`init_state` once per image, with that image's own generator,
+    and the per-image entries of ``state`` hold the rows of the images this process optimises
+    (:attr:`shard`); every ``idx`` a hook receives indexes those rows. A term that couples images (a statistic
+    over all images) must go through ``self.shard.gather`` so that it is the same on any number of processes.
+
     Args:
         model: the full-precision model, already in synthesis mode.
         data_cfg: timm data config (``input_size``, ``mean``, ``std``).
@@ -72,6 +79,8 @@ class SynthMethod:
         self.device = model_device(model)
         self._on_device: dict[str, tuple[int, torch.Tensor]] = {}
         self.opts = self.resolve_options(opts)
+        #: The images this process optimises (global indices) and the process group; the loop sets it.
+        self.shard = Shard(0, self.opts.num_samples, self.opts.num_samples)
 
     def on_device(self, key: str) -> torch.Tensor:
         """``self.state[key]`` on the model's device (copied once while the entry stays the same tensor).
@@ -109,9 +118,10 @@ class SynthMethod:
         return {"stages": [s.to_dict() for s in self.stages()]}
 
     # -- parameterisation
-    def init_params(self, gen: torch.Generator) -> torch.Tensor:
-        """The optimised tensor at iteration 0: standard Gaussian noise of the input size."""
-        return torch.randn((self.opts.num_samples, *self.input_size), generator=gen)
+    def init_params(self, gen: torch.Generator, count: int | None = None) -> torch.Tensor:
+        """The optimised tensor of ``count`` images (default ``num_samples``) at iteration 0: standard Gaussian
+        noise of the input size. The loop draws one image at a time, from that image's generator."""
+        return torch.randn((count or self.opts.num_samples, *self.input_size), generator=gen)
 
     def adapt_params(self, it: int, stage: Stage, params: torch.Tensor) -> torch.Tensor | None:
         """Return a new parameter tensor to switch parameterisation at ``it`` (Adam restarts), else None."""
@@ -122,12 +132,25 @@ class SynthMethod:
         return params
 
     # -- random targets and per-step draws
-    def init_state(self, gen: torch.Generator) -> None:
-        """Draw the method's fixed random targets/priors into ``self.state`` (saved in checkpoints)."""
+    def init_state(self, gen: torch.Generator, count: int | None = None) -> None:
+        """Draw the method's fixed random targets/priors of ``count`` images (default ``num_samples``) into
+        ``self.state``, one row per image along dim 0 (saved in checkpoints). The loop draws one image at a time,
+        from that image's generator (right after :meth:`init_params`), and concatenates the rows."""
         raise NotImplementedError
 
-    def step_context(self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    def step_context(
+        self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator, draws: ImageDraws | None = None
+    ) -> dict[str, Any]:
         """Random draws (and other data) shared by all micro-batches of one step.
+
+        Args:
+            it: 0-based iteration.
+            stage: the current stage.
+            params: the optimised tensor (this process's images).
+            gen: the step's generator shared by all images (identical on every rank): draws that every image
+                shares.
+            draws: per-image draws of this step (row ``i`` from image ``i``'s own generator); None: draw them
+                from ``gen`` instead (one process only, for tests).
 
         The loop adds ``ctx["augment"] = ((dy, dx), flipped)``, the jitter and flip applied to ``views``.
         """

@@ -21,6 +21,10 @@ Implementation notes (compared with the authors' public code, which was read, no
   bandwidths (the official code uses 10 points between the minimum and maximum).
 * The official generator runs two 500-iteration cosine cycles; the default here is one 1000-iteration cycle.
   Its TV term pulls towards a random target value, here TV is simply minimised.
+
+Several processes (``torchrun``): no term couples images. The token-pair subsets are drawn once per step from
+the step's shared generator, identical on every rank, so the sharded result is bitwise the one-process result
+(with ``batch_size`` set so that the shards are whole micro-batches).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dfq_deploy.synth.attn import AttentionTaps, AttnBlock
+from dfq_deploy.synth.draws import ImageDraws
 from dfq_deploy.synth.method import SynthMethod, synth_method
 from dfq_deploy.synth.options import SynthOptions, check_option
 from dfq_deploy.synth.schedule import Stage
@@ -169,15 +174,17 @@ class Psaq(SynthMethod):
     Options = PsaqOptions
     opts: PsaqOptions
 
-    def init_state(self, gen: torch.Generator) -> None:
-        self.state["labels"] = torch.randint(0, self.num_classes, (self.opts.num_samples,), generator=gen)
+    def init_state(self, gen: torch.Generator, count: int | None = None) -> None:
+        self.state["labels"] = torch.randint(0, self.num_classes, (count or self.opts.num_samples,), generator=gen)
 
     def taps(self) -> AbstractContextManager[Any]:
         self._taps = AttentionTaps(self.model, outputs=True)
         return self._taps
 
-    def step_context(self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
-        return {"pairs": draw_pair_subsets(self.blocks, self.opts.kde_max_pairs, gen)}
+    def step_context(
+        self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator, draws: ImageDraws | None = None
+    ) -> dict[str, Any]:
+        return {"pairs": draw_pair_subsets(self.blocks, self.opts.kde_max_pairs, gen)}  # shared: the same on every rank
 
     def losses(
         self, clean: torch.Tensor, views: torch.Tensor, idx: slice, it: int, stage: Stage, ctx: dict[str, Any]

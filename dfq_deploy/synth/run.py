@@ -11,10 +11,12 @@ A finished folder holds:
                             with stage and learning rate
 ``contact_sheet.png``       the first (up to 64) images, de-normalised, in a grid
 ``loss.png``                the loss curves (needs matplotlib; skipped with a warning without it)
-``checkpoint.pt``           the resumable state (see :mod:`~dfq_deploy.synth.loop`)
+``checkpoint.pt``           the resumable state (see :mod:`~dfq_deploy.synth.loop`); with several
+                            processes one ``checkpoint.rank<r>-of-<W>.it<k>.pt`` per rank instead
 ==========================  ===========================================================================
 
-Every file is written atomically (temp file + rename).
+Every file is written atomically (temp file + rename). Under ``torchrun`` rank 0 writes the folder; the
+other ranks write only their checkpoint files.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import torch
 from torch import nn
 
 from dfq_deploy.calib_images import CALIB_IMAGES_FILE, read_calib_images
+from dfq_deploy.device import model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.base import CalibSet
-from dfq_deploy.synth.checkpoint import jsonable_cfg, load_checkpoint
+from dfq_deploy.synth.checkpoint import checkpoint_files, jsonable_cfg, load_checkpoint, shard_checkpoint_path
+from dfq_deploy.synth.distributed import CollectiveError, current, local_device
 from dfq_deploy.synth.loop import SynthResult, synthesize
 from dfq_deploy.synth.method import method_options
 from dfq_deploy.synth.options import SynthOptions
@@ -96,8 +100,10 @@ def synthesize_to_dir(
     if out.exists() and not out.is_dir():
         raise DfqError(f"--output {out} is a file: choose a folder")
     ckpt = out / CHECKPOINT_FILE
-    if not resume and (ckpt.exists() or (out / CONFIG_FILE).exists() or (out / IMAGES_FILE).exists()):
-        raise DfqError(
+    comm = current(local_device(model_device(model)))
+    held = bool(checkpoint_files(ckpt)) or (out / CONFIG_FILE).exists() or (out / IMAGES_FILE).exists()
+    if not resume and comm.any(held):  # decided together, before any rank writes its checkpoint
+        raise CollectiveError(
             f"{out} already holds a synthesis run: pass --resume to continue or re-finish it, "
             "or choose an empty --output folder"
         )
@@ -124,7 +130,9 @@ def synthesize_to_dir(
             ckpt,
         )
         return calib
-    write_outputs(out, res, data_cfg, model_info)
+    if comm.is_main:  # the other ranks wrote their checkpoints and nothing else
+        write_outputs(out, res, data_cfg, model_info)
+    comm.barrier()
     return calib
 
 
@@ -163,9 +171,12 @@ def write_outputs(out: Path, res: SynthResult, data_cfg: dict[str, Any], model_i
             "seconds_per_iteration": res.seconds_per_iteration,
             "device": res.device,
             "peak_memory_bytes": res.peak_memory_bytes,
+            "processes": res.world_size,
+            "backend": res.backend,
         },
         "versions": {"dfq_deploy": __version__, "torch": torch.__version__, "timm": timm.__version__},
-        "files": {"images": IMAGES_FILE, "loss": LOSS_FILE, "contact_sheet": SHEET_FILE, "checkpoint": CHECKPOINT_FILE},
+        "files": {"images": IMAGES_FILE, "loss": LOSS_FILE, "contact_sheet": SHEET_FILE,
+                  "checkpoint": shard_checkpoint_path(CHECKPOINT_FILE, "*", res.world_size, res.iteration).name},
     }
     atomic_write_json(out / CONFIG_FILE, config)
     logger.info("wrote %d %s images to %s", len(images), res.method, out)
@@ -266,10 +277,10 @@ def load_synth_dir(path: str | Path, data_cfg: dict[str, Any] | None = None) -> 
         raise DfqError(f"synthesis folder {d} does not exist: make one with `dfq-deploy synth --output {d}`")
     img_file, cfg_file = d / IMAGES_FILE, d / CONFIG_FILE
     if not img_file.is_file() or not cfg_file.is_file():
-        ckpt = d / CHECKPOINT_FILE
-        if ckpt.is_file():
+        ckpts = checkpoint_files(d / CHECKPOINT_FILE)
+        if ckpts:
             try:
-                state = load_checkpoint(ckpt)
+                state = load_checkpoint(ckpts[0])
                 where = f" (iteration {state['iteration']}/{state['total']}, method {state['method']})"
             except DfqError:
                 where = ""

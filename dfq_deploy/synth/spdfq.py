@@ -40,6 +40,12 @@ Total: ``alpha1 * APA + SL (full images) + SL (crops, "msr") + 0.05 * TV``, with
 gets Swin-S's 10; anything else 1e5). Where the paper leaves a choice open, this module pins it: the
 semantics (count, classes, quadrants, targets) are drawn once per image rather than per step, so every
 step optimises the same objective, and the attention prior is mirrored when the batch is flipped.
+
+Several processes (``torchrun``): no term couples images. Every random quantity of an image (semantics,
+targets, priors, and each step's crop boxes, crop flips and semantic picks) comes from that image's own
+generators, so the sharded result is bitwise the one-process result (with ``batch_size`` set so that the
+shards are whole micro-batches). Revision 2 draws them per image; revision 1 drew each step's crops for all
+images from one generator.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq_deploy.synth.attn import AttentionTaps, AttnBlock
+from dfq_deploy.synth.draws import ImageDraws, uniform
 from dfq_deploy.synth.method import SynthMethod, synth_method
 from dfq_deploy.synth.options import SynthOptions, check_option
 from dfq_deploy.synth.priors import soft_cross_entropy
@@ -220,7 +227,7 @@ def attention_to_align(probs: torch.Tensor, block: AttnBlock, batch: int) -> tor
 
 # --- multi-semantic reinforcement -------------------------------------------------------------------------
 def sample_crop_boxes(
-    quadrants: torch.Tensor, size: tuple[int, int], scale: tuple[float, float], gen: torch.Generator
+    quadrants: torch.Tensor, size: tuple[int, int], scale: tuple[float, float], gen: torch.Generator | ImageDraws
 ) -> torch.Tensor:
     """A random box inside each given quadrant.
 
@@ -228,15 +235,15 @@ def sample_crop_boxes(
         quadrants: ``[n, slots]`` quadrant ids 0..3 (row-major: 0 top-left, 3 bottom-right).
         size: image ``(height, width)``.
         scale: range of the box side as a fraction of the quadrant side (height and width drawn separately).
-        gen: the random generator (always draws the same amount, whatever the quadrants).
+        gen: the random generator, or per-image draws (always draws the same amount, whatever the quadrants).
 
     Returns:
         ``[n, slots, 4]`` long boxes ``(y0, y1, x0, x1)``, half-open. Boxes of different quadrants are disjoint.
     """
     h, w = size
     n, slots = quadrants.shape
-    frac = scale[0] + (scale[1] - scale[0]) * torch.rand((n, slots, 2), generator=gen)
-    pos = torch.rand((n, slots, 2), generator=gen)
+    frac = scale[0] + (scale[1] - scale[0]) * uniform(gen, (n, slots, 2))
+    pos = uniform(gen, (n, slots, 2))
     qrow, qcol = quadrants // 2, quadrants % 2
     top = torch.where(qrow == 0, 0, h // 2)
     left = torch.where(qcol == 0, 0, w // 2)
@@ -249,7 +256,9 @@ def sample_crop_boxes(
     return torch.stack([y0, y0 + bh, x0, x0 + bw], dim=-1)
 
 
-def pick_semantics(counts: torch.Tensor, slots: int, per_step: int, gen: torch.Generator) -> torch.Tensor:
+def pick_semantics(
+    counts: torch.Tensor, slots: int, per_step: int, gen: torch.Generator | ImageDraws
+) -> torch.Tensor:
     """Which semantics feed a crop this step: ``min(per_step, counts[i])`` of image ``i``'s first ``counts[i]``
     slots, uniformly without replacement (``per_step=0``: all of them, and nothing is drawn).
 
@@ -257,7 +266,8 @@ def pick_semantics(counts: torch.Tensor, slots: int, per_step: int, gen: torch.G
         counts: ``[n]`` semantics per image (``m``).
         slots: slots per image (``>= counts.max()``).
         per_step: crops per image and step; 0 for all.
-        gen: the random generator (draws ``n * slots`` numbers whatever the counts, unless ``per_step=0``).
+        gen: the random generator or per-image draws (``n * slots`` numbers whatever the counts, unless
+            ``per_step=0``).
 
     Returns:
         ``[n, slots]`` bools.
@@ -265,7 +275,7 @@ def pick_semantics(counts: torch.Tensor, slots: int, per_step: int, gen: torch.G
     active = torch.arange(slots)[None, :] < counts[:, None]
     if per_step == 0:
         return active
-    score = torch.rand((counts.shape[0], slots), generator=gen).masked_fill(~active, 2.0)
+    score = uniform(gen, (counts.shape[0], slots)).masked_fill(~active, 2.0)
     rank = score.argsort(dim=1).argsort(dim=1)
     return active & (rank < per_step)
 
@@ -323,7 +333,8 @@ class Spdfq(SynthMethod):
 
     Options = SpdfqOptions
     opts: SpdfqOptions
-    revision = 2  # 1: one MSR crop per image and step by default (was all m); 2: APA summed over heads
+    revision = 3  # 1: one MSR crop per image and step by default (was all m); 2: APA summed over heads;
+    # 3: random draws keyed by image
 
     def resolve_options(self, opts: SynthOptions) -> SynthOptions:
         opts = super().resolve_options(opts)
@@ -346,8 +357,8 @@ class Spdfq(SynthMethod):
     def semantics(self) -> int:
         return min(self.opts.max_semantics, self.num_classes)
 
-    def init_state(self, gen: torch.Generator) -> None:
-        n, c, s = self.opts.num_samples, self.num_classes, self.semantics
+    def init_state(self, gen: torch.Generator, count: int | None = None) -> None:
+        n, c, s = count or self.opts.num_samples, self.num_classes, self.semantics
         m = torch.randint(1, s + 1, (n,), generator=gen)
         classes = torch.rand((n, c), generator=gen).argsort(dim=1)[:, :s]
         quadrants = torch.rand((n, MAX_SEMANTICS), generator=gen).argsort(dim=1)[:, :s]
@@ -368,12 +379,15 @@ class Spdfq(SynthMethod):
         self._taps = AttentionTaps(self.model, probs=True)
         return self._taps
 
-    def step_context(self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
-        boxes = sample_crop_boxes(self.state["quadrants"], self.input_size[1:], self.opts.crop_scale, gen)
-        flips = torch.rand(self.state["quadrants"].shape, generator=gen) < 0.5
-        select = None  # without crops nothing is drawn, so msr=False replays the images of revision 0
+    def step_context(
+        self, it: int, stage: Stage, params: torch.Tensor, gen: torch.Generator, draws: ImageDraws | None = None
+    ) -> dict[str, Any]:
+        per_image = draws if draws is not None else gen  # the loop: each image's own draws of this step
+        boxes = sample_crop_boxes(self.state["quadrants"], self.input_size[1:], self.opts.crop_scale, per_image)
+        flips = uniform(per_image, tuple(self.state["quadrants"].shape)) < 0.5
+        select = None  # without crops nothing more is drawn
         if self.opts.msr:
-            select = pick_semantics(self.state["semantics"], self.semantics, self.opts.crops_per_step, gen)
+            select = pick_semantics(self.state["semantics"], self.semantics, self.opts.crops_per_step, per_image)
         return {"boxes": boxes, "flips": flips if self.opts.flip else None, "select": select}
 
     def losses(

@@ -84,7 +84,7 @@ def test_cached_sets_carry_the_method_revision(monkeypatch):
     key = grid.CellCache.source_key
     assert key("noise") == "noise" and key("real") == "real"  # not synthesis methods: no revision
     assert key("psaq") == "psaq"  # revision 0 keeps the names of sets cached before revisions existed
-    assert key("spdfq") == "spdfq@r2" and key("spdfq:msr=false") == "spdfq:msr=false@r2"
+    assert key("spdfq") == "spdfq@r3" and key("spdfq:msr=false") == "spdfq:msr=false@r3"
     monkeypatch.setattr(METHODS.get("psaq"), "revision", 3)
     assert key("psaq:kde_points=8") == "psaq:kde_points=8@r3"  # a bumped default never reuses an old set
 

@@ -330,7 +330,7 @@ def test_one_crop_per_step_is_an_unbiased_estimate_of_the_all_crops_loss(vit):
         off.init_state(torch.Generator().manual_seed(0))
         gen = torch.Generator().manual_seed(1)
         assert off.step_context(0, off.stages()[0], images, gen)["select"] is None
-        only_boxes = torch.Generator().manual_seed(1)  # without crops: the draws of revision 0, nothing more
+        only_boxes = torch.Generator().manual_seed(1)  # without crops: the boxes and flips, nothing more
         sample_crop_boxes(off.state["quadrants"], (32, 32), off.opts.crop_scale, only_boxes)
         torch.rand(off.state["quadrants"].shape, generator=only_boxes)
         assert gen.get_state().equal(only_boxes.get_state())
