@@ -255,18 +255,19 @@ class ActQuantizer(nn.Module):
         if not self._samples:
             raise RuntimeError("activation quantizer saw no data: the forward loop did not reach it")
         values = torch.cat(self._samples)
+        method = self.method
         if self.fixed_range is not None:  # minmax on the two ends of the known range
-            values, self.method = torch.tensor(self.fixed_range, device=values.device), "minmax"
-        if self.method == "mse" and values.numel() > _MSE_SAMPLES:  # the MSE search needs far fewer values
+            values, method = torch.tensor(self.fixed_range, device=values.device), "minmax"
+        if method == "mse" and values.numel() > _MSE_SAMPLES:  # the MSE search needs far fewer values
             extremes = torch.stack([values.min(), values.max()])
             values = torch.cat([values[torch.randperm(values.numel(), generator=self._observer_gen())[:_MSE_SAMPLES]],
                                 extremes])
         if self.log2:
             self.scale = torch.ones((), device=values.device)
         elif self.asymmetric:
-            self.scale, self.zero_point = search_affine(values, self.bits, self.method, self.percentile)
+            self.scale, self.zero_point = search_affine(values, self.bits, method, self.percentile)
         else:
-            scale = search_scale(values.unsqueeze(0), self.bits, self.method, self.percentile)[0]
+            scale = search_scale(values.unsqueeze(0), self.bits, method, self.percentile)[0]
             self.scale = scale.reshape(())
         self.observing = False
         self.reset_observer()
