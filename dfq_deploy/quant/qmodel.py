@@ -206,6 +206,7 @@ def _quantize_patch_embed_(model: nn.Module, cfg: QuantConfig) -> None:
     levels).
     """
     from dfq_deploy.models import data_config
+    from dfq_deploy.synth.priors import valid_range
 
     embed = getattr(model, "patch_embed", None)
     conv = getattr(embed, "proj", None)
@@ -213,15 +214,14 @@ def _quantize_patch_embed_(model: nn.Module, cfg: QuantConfig) -> None:
         raise ValueError("io_bits: the model has no patch_embed.proj convolution to quantize")
     qconv = QuantConv2d.from_conv(conv, cfg)
     if qconv.input_quantizer is not None:
-        dcfg = data_config(model)
-        lows = [(0.0 - m) / s for m, s in zip(dcfg["mean"], dcfg["std"], strict=True)]
-        highs = [(1.0 - m) / s for m, s in zip(dcfg["mean"], dcfg["std"], strict=True)]
-        qconv.input_quantizer.fixed_range = (min(lows), max(highs))
+        lo, hi = valid_range(data_config(model))
+        qconv.input_quantizer.fixed_range = (float(lo.min()), float(hi.max()))
     embed.proj = qconv
 
 
 def _quantize_head_(model: nn.Module, head_cfg: QuantConfig) -> None:
-    """Replace the classifier head's Linear by a weight-only per-channel QuantLinear (in place)."""
+    """Replace the classifier head's Linear by a per-channel QuantLinear with ``head_cfg``'s weights and inputs
+    (in place)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear) or isinstance(head, QuantLinear):
         return
