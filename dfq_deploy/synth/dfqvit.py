@@ -77,10 +77,11 @@ from dfq_deploy.errors import DfqError
 from dfq_deploy.registry import Registry
 from dfq_deploy.synth.attn import AttentionTaps
 from dfq_deploy.synth.draws import ImageDraws
-from dfq_deploy.synth.method import SynthMethod, synth_method
+from dfq_deploy.synth.method import SynthMethod
 from dfq_deploy.synth.options import SynthOptions, check_option
 from dfq_deploy.synth.priors import soft_cross_entropy
 from dfq_deploy.synth.psaq import draw_pair_subsets, patch_similarity_entropy
+from dfq_deploy.synth.register import synth_method
 from dfq_deploy.synth.schedule import Stage
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """The optimisation loop shared by every data-free synthesizer (PSAQ-ViT, SPDFQ, DFQ-ViT).
 
-A method (a :class:`SynthMethod` subclass registered with :func:`synth_method`) supplies its loss terms and
-its own random targets; this module does everything else, once:
+A method (a :class:`SynthMethod` subclass registered with
+:func:`~dfq_deploy.synth.register.synth_method`) supplies its loss terms and its own random targets; this module
+does everything else, once:
 
 * **Images** start as standard Gaussian noise in the model's normalised space and are optimised directly with
   Adam (betas 0.5, 0.9; lr 0.2, 0.25 for Swin) under a cosine schedule with a short linear warm-up, as in

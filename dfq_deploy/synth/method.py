@@ -1,11 +1,15 @@
-"""The interface every synthesis method implements (:class:`SynthMethod`), its registration as a calibration
-source (:func:`synth_method`), and the model's synthesis mode.
+"""The interface every synthesis method implements (:class:`SynthMethod`), the view of the registered methods
+(:data:`METHODS`), and the model's synthesis mode.
+
+Registering a method as a calibration source (:func:`~dfq_deploy.synth.register.synth_method`) lives in
+:mod:`~dfq_deploy.synth.register`, which imports the loop; this module imports neither the loop nor the
+checkpoint code, so the dependency reads one way: register -> loop -> checkpoint -> method.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 from typing import Any, ClassVar
@@ -16,7 +20,7 @@ from torch import nn
 from dfq_deploy.device import default_synth_precision, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.synth.attn import is_swin, probe_attention
-from dfq_deploy.synth.base import SOURCES, CalibRequest, CalibSet, register_synthesizer
+from dfq_deploy.synth.base import SOURCES
 from dfq_deploy.synth.distributed import Shard
 from dfq_deploy.synth.draws import ImageDraws
 from dfq_deploy.synth.options import LR_SWIN, LR_VIT, SynthOptions
@@ -209,29 +213,6 @@ class MethodView:
 
 #: The synthesis methods (psaq, spdfq, dfqvit): the calibration sources that optimise images.
 METHODS = MethodView()
-
-
-def synth_method(name: str) -> Callable[[type[SynthMethod]], type[SynthMethod]]:
-    """Register a :class:`SynthMethod` under ``name``, and as the calibration source ``--calib name``."""
-
-    def deco(cls: type[SynthMethod]) -> type[SynthMethod]:
-        cls.name = name
-
-        def source(model: nn.Module, req: CalibRequest) -> CalibSet:
-            from dfq_deploy.synth.loop import synthesize  # the loop runs the methods: imported when one runs
-
-            options = dict(req.options)
-            progress = bool(options.pop("progress", True))
-            options.update(num_samples=req.num_samples, seed=req.seed)
-            return synthesize(model, req.data_cfg, name, options, progress=progress).to_calib_set()
-
-        source.__name__ = f"synthesize_{name}"
-        source.__doc__ = f"``{name}``: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else name}"
-        source.method = cls  # type: ignore[attr-defined]
-        register_synthesizer(name)(source)
-        return cls
-
-    return deco
 
 
 def get_method(name: str) -> type[SynthMethod]:

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 from dfq_deploy.synth.attn import AttentionTaps, AttnBlock
 from dfq_deploy.synth.draws import ImageDraws
-from dfq_deploy.synth.method import SynthMethod, synth_method
+from dfq_deploy.synth.method import SynthMethod
 from dfq_deploy.synth.options import SynthOptions, check_option
+from dfq_deploy.synth.register import synth_method
 from dfq_deploy.synth.schedule import Stage
 
 

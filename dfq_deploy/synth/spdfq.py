@@ -62,9 +62,10 @@ from torch import nn
 
 from dfq_deploy.synth.attn import AttentionTaps, AttnBlock
 from dfq_deploy.synth.draws import ImageDraws, uniform
-from dfq_deploy.synth.method import SynthMethod, synth_method
+from dfq_deploy.synth.method import SynthMethod
 from dfq_deploy.synth.options import SynthOptions, check_option
 from dfq_deploy.synth.priors import soft_cross_entropy
+from dfq_deploy.synth.register import synth_method
 from dfq_deploy.synth.schedule import Stage
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq_deploy.quant.correct import block_inputs, check_separate, eval_mode
+from dfq_deploy.quant.correct.capture import block_inputs, check_separate, eval_mode
 from dfq_deploy.quant.qmodel import QuantLinear, quant_disabled, transformer_blocks
 
 logger = logging.getLogger(__name__)
