@@ -1,15 +1,27 @@
-"""Shared fixtures: tiny random-weight timm models and small ImageFolders made in tmp_path."""
+"""Shared fixtures: tiny random-weight timm models and small ImageFolders made in tmp_path.
+
+The suite runs in parallel processes (pytest-xdist, ``-n auto`` in pyproject's ``addopts``); each worker gets an
+equal share of the cores for its math libraries (and the subprocesses its tests start, through the environment),
+set here before torch is imported, so that the workers do not oversubscribe the machine.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = _threads
 
-from dfq_deploy.models import ModelSpec, create_model
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dfq_deploy.models import ModelSpec, create_model  # noqa: E402
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import dfq_deploy.quant  # noqa: F401  (registers the fake-quant student the hard stage needs, as export does)
 from dfq_deploy.errors import DfqError
 from dfq_deploy.models import ModelSpec, create_model, data_config
 from dfq_deploy.synth import (
