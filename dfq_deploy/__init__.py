@@ -24,6 +24,8 @@ _API = {
     "W4A16": "dfq_deploy.config",
     "W3A16": "dfq_deploy.config",
     "W2A16": "dfq_deploy.config",
+    "calibration_set": "dfq_deploy.synth.run",
+    "load_synth_dir": "dfq_deploy.synth.run",
     "ModelSpec": "dfq_deploy.models",
     "create_model": "dfq_deploy.models",
     "to_onnx": "dfq_deploy.export.onnx",

@@ -1,6 +1,8 @@
 """Image data: ImageFolder directories and zips, preprocessed with the model's timm data config.
 
-Labels follow torchvision's ImageFolder convention: class folders sorted alphabetically give 0..C-1.
+Labels: where the model has class names (:func:`dfq_deploy.models.class_names`), each class folder gets the index of
+its name, so a folder of some classes (``cat/``, ``dog/``) is scored right; otherwise torchvision's ImageFolder
+convention, class folders sorted alphabetically give 0..C-1, and their count must be the model's.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import io
 import logging
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +34,53 @@ def default_cifar10(split: str) -> Path:
     return (DEFAULT_DATA_ROOT / "cifar10" / split).resolve()
 
 
+def folder_labels(root: Path, classes: list[str], class_names: Sequence[str] | None,
+                  num_classes: int | None) -> list[int]:
+    """The model's label of each class folder (see the module docstring).
+
+    Raises:
+        DfqError: a folder is not one of the model's class names, or (without names) the folder count is not
+            the model's class count.
+    """
+    if class_names is not None:
+        index = {n.lower(): i for i, n in enumerate(class_names)}
+        unknown = [c for c in classes if c.lower() not in index]
+        if unknown:
+            shown = ", ".join(list(class_names)[:10]) + (", ..." if len(class_names) > 10 else "")
+            raise DfqError(f"data folder {root}: class folder(s) {', '.join(unknown[:5])} are not classes of the "
+                           f"model (its {len(class_names)} classes: {shown}); name each class folder after one")
+        return [index[c.lower()] for c in classes]
+    if num_classes is not None and len(classes) != num_classes:
+        raise DfqError(f"data folder {root} has {len(classes)} class folders but the model has {num_classes} "
+                       "classes and no class names to match them by: give it one folder per class, sorted in "
+                       "the model's label order")
+    return list(range(len(classes)))
+
+
 class ImageFolder:
     """A list of ``(path, label)`` pairs from ``root/<class>/<image>``.
 
     Args:
         root: directory with one sub-folder per class.
+        class_names: the model's class names in label order; each folder's label is its name's index.
+        num_classes: the model's class count, checked against the folder count when there are no names.
 
     Raises:
-        DfqError: the folder is missing, has no class folders, or holds no images.
+        DfqError: the folder is missing, has no class folders, holds no images, or its classes do not match the
+            model's (:func:`folder_labels`).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None,
+                 num_classes: int | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DfqError(f"data folder not found: {self.root} (pass an ImageFolder directory: DIR/<class>/<img>)")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise DfqError(f"data folder {self.root} has no class sub-folders (expected DIR/<class>/<image>)")
+        self.labels = folder_labels(self.root, self.classes, class_names, num_classes)
         self.samples: list[tuple[Path, int]] = []
-        for label, cls in enumerate(self.classes):
+        for label, cls in zip(self.labels, self.classes, strict=True):
             files = sorted(p for p in (self.root / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             self.samples.extend((p, label) for p in files)
         if not self.samples:
@@ -91,6 +121,8 @@ def iter_image_batches(
     batch_size: int = 64,
     limit: int | None = None,
     seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches from an ImageFolder, preprocessed for the model.
 
@@ -100,8 +132,10 @@ def iter_image_batches(
         batch_size: images per batch.
         limit: evaluate a seeded random subset of this size.
         seed: seed of the subset.
+        class_names: the model's class names (labels by name); see :class:`ImageFolder`.
+        num_classes: the model's class count; see :class:`ImageFolder`.
     """
-    folder = ImageFolder(root)
+    folder = ImageFolder(root, class_names, num_classes)
     samples = folder.subset(limit, seed)
     tf = eval_transform(data_cfg)
     for start in range(0, len(samples), batch_size):

@@ -60,6 +60,9 @@ BUNDLED_ARCH: dict[str, Any] = dict(
     img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4, num_classes=10
 )
 
+#: CIFAR-10's classes in label order (alphabetical, as the shared ImageFolder's class folders are named).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 default_cfgs = generate_default_cfgs(
     {
         f"{BUNDLED_MODEL}.dfq_cifar10": {
@@ -74,6 +77,7 @@ default_cfgs = generate_default_cfgs(
             "std": IMAGENET_DEFAULT_STD,
             "first_conv": "patch_embed.proj",
             "classifier": "head",
+            "label_names": CIFAR10_CLASSES,
             "license": "apache-2.0",
         }
     }
@@ -292,6 +296,23 @@ def set_fused_attn_(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
         if hasattr(module, "fused_attn"):
             module.fused_attn = enabled
     return model
+
+
+def class_names(model: torch.nn.Module) -> list[str] | None:
+    """The model's class names in label order, or None when timm does not know them.
+
+    From the pretrained config's ``label_names`` (the bundled model: CIFAR-10's classes), else timm's ImageNet
+    info for ImageNet heads (WordNet ids such as ``n01440764``, the class folder names of ImageNet's ImageFolder
+    layout); a head whose size does not match has none.
+    """
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    num = getattr(model, "num_classes", None)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if not names:
+        subset = infer_imagenet_subset(model)
+        names = ImageNetInfo(subset).label_names() if subset else None
+    return list(names) if names and len(names) == num else None
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,17 @@ from dfq_deploy.config import (
     QuantConfig,
     preset_for_bits,
 )
+from dfq_deploy.data import ImageFolder
 from dfq_deploy.device import describe_device, resolve_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.evaluate import evaluate_onnx
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import save_onnx, to_onnx
 from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
-from dfq_deploy.models import ModelSpec, create_model, data_config, require_checkpoint_file
+from dfq_deploy.models import ModelSpec, class_names, create_model, data_config, require_checkpoint_file
 from dfq_deploy.quant.correct import plot_block_errors
 from dfq_deploy.quant.recipe import HELD_SEED_OFFSET, quantize_
-from dfq_deploy.synth import METHODS, CalibRequest, get_source, load_synth_dir
+from dfq_deploy.synth import METHODS, CalibRequest, calibration_set, get_source, load_synth_dir
 from dfq_deploy.synth.distributed import current, init_from_env
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
@@ -138,8 +139,6 @@ def check_inputs(opts: ExportOptions) -> None:
         DfqError: unknown model or calibration source, missing checkpoint, missing or empty ImageFolder
             (``--eval-data``, ``--calib-dir``), unfinished ``--calib-from`` folder, or an unwritable output folder.
     """
-    from dfq_deploy.data import ImageFolder
-
     cal = opts.calibration
     opts.model.timm_name  # noqa: B018 - raises on an unknown model name
     resolve_device(opts.device)  # --device cuda without a GPU fails here, not after the synthesis
@@ -223,6 +222,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         return {"rank": comm.rank, "world_size": comm.world_size}
     model = create_model(opts.model).to(device)  # every PyTorch stage runs where the model is
     dcfg = data_config(model)
+    if opts.eval_data is not None:  # its classes must be the model's: checked now, not after the calibration
+        ImageFolder(opts.eval_data, class_names(model), getattr(model, "num_classes", None))
     timings["model_s"] = time.perf_counter() - t
     logger.info("PyTorch stages on %s", device)
 
@@ -231,17 +232,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     # calibrates nothing: it only needs parity inputs, so it does not run a synthesizer.
     t = time.perf_counter()
     source = cal.source if _calibrates(opts) else "noise"
-    if cal.calib_from is not None:
-        calib = load_synth_dir(cal.calib_from, dcfg)
-    else:
-        options: dict[str, Any] = {}
-        if source in METHODS.names():
-            options["progress"] = opts.progress
-            if cal.iterations is not None:
-                options["iterations"] = cal.iterations
-            if cal.precision is not None:
-                options["precision"] = cal.precision
-        calib = get_source(source)(model, CalibRequest(cal.num_samples, opts.seed, dcfg, cal.calib_dir, options))
+    calib = calibration_set(model, replace(cal, source=source), opts.seed, opts.progress)
     if not comm.is_main:  # this rank synthesised its share of the images; rank 0 quantizes and exports
         return {"rank": comm.rank, "world_size": comm.world_size}
     held_source = source if source in CHEAP_SOURCES and cal.calib_from is None else "noise"
@@ -256,12 +247,14 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         png = plot_block_errors(correction, title=f"{opts.model.name} {cfg.name}, correction {opts.correction.mode}")
 
     t = time.perf_counter()
+    logger.info("export: %s ONNX graph, linted ...", opts.dtype.upper())
     proto = to_onnx(model, data_cfg=dcfg, dtype=opts.dtype)
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     probes = torch.cat([held.images, parity_probes(calib.images, seed=opts.seed)])
-    parity = measure_parity(model, proto, {"calibration": calib.images, "held_back": probes}, opts.parity_threshold)
+    parity = measure_parity(model, proto, {"calibration": calib.images, "held_back": probes}, opts.parity_threshold,
+                            progress=opts.progress)
     timings["parity_s"] = time.perf_counter() - t
     require_parity(parity)
 

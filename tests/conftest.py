@@ -38,7 +38,7 @@ def tiny_model(tiny_spec: ModelSpec) -> torch.nn.Module:
     return create_model(tiny_spec)
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+def make_image_folder(root: Path, classes: int = 10, per_class: int = 2, size: int = 32, seed: int = 0) -> Path:
     """Write ``classes x per_class`` random RGB PNGs as ``root/<class>/<i>.png``."""
     rng = np.random.default_rng(seed)
     for c in range(classes):

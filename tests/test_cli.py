@@ -57,7 +57,7 @@ def test_export_and_eval(tmp_path, capsys, caplog, bits, calib):
 
 
 def test_eval_torch_matches_manual_count(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=3)
+    data = make_image_folder(tmp_path / "data", per_class=1)
     ckpt = tmp_path / "w.pt"
     torch.manual_seed(0)
     model = create_model(ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True))
@@ -74,7 +74,7 @@ def test_eval_torch_matches_manual_count(tmp_path, capsys):
 
 
 def _bad_inputs(tmp_path):
-    ok_data = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    ok_data = make_image_folder(tmp_path / "data", per_class=1)
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "noimg" / "cls").mkdir(parents=True)
@@ -279,3 +279,26 @@ def test_export_graph_dtype(tmp_path, capsys, flags, dtype, precision):
 def test_export_dtype_conflicts_one_line(tmp_path, capsys, flags, needle):
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", *flags, "--output", str(tmp_path / "o"), "-q")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_on_a_folder_of_some_classes_scores_them_by_name(tmp_path, capsys):
+    """`cat/` and `dog/` alone are labelled 3 and 5 (the bundled model's names), not 0 and 1: no silent 0%."""
+    import shutil
+
+    from dfq_deploy.data import default_cifar10
+
+    part = tmp_path / "catdog"
+    for cls in ("cat", "dog"):
+        (part / cls).mkdir(parents=True)
+        for src in sorted((default_cifar10("dev") / cls).iterdir())[:20]:
+            shutil.copy(src, part / cls / src.name)
+    code, stdout, _ = _run(capsys, "eval", "--data", str(part))
+    assert code == 0
+    assert json.loads(stdout)["top1"] > 0.4  # the float model scores about 0.6 on these 40
+    out = tmp_path / "fp32"
+    assert _run(capsys, "export", "--bits", "32", "--output", str(out))[0] == 0
+    code, stdout, _ = _run(capsys, "eval", "--onnx", str(out / "model.onnx"), "--data", str(part))
+    assert code == 0 and json.loads(stdout)["top1"] > 0.4  # the graph carries the class names
+    (part / "cat").rename(part / "kitten")
+    code, _, err = _run(capsys, "eval", "--onnx", str(out / "model.onnx"), "--data", str(part))
+    assert code == 2 and "kitten are not classes of the model" in err and len(err.strip().splitlines()) == 1

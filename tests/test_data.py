@@ -62,3 +62,37 @@ def test_one_reader_of_saved_calibration_images(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DfqError, match="is corrupt, not a readable safetensors"):
         calib_images_header(tmp_path / "junk.safetensors")
+
+
+def test_labels_follow_the_models_class_names(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    for cls in ("dog", "Cat"):  # some classes only, in another order, any case
+        (make_image_folder(tmp_path / cls, classes=1, per_class=2) / "class_0").rename(root / cls)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog"]
+    folder = ImageFolder(root, class_names=names)
+    assert folder.classes == ["Cat", "dog"] and [label for _, label in folder.samples] == [3, 3, 5, 5]
+    with pytest.raises(DfqError, match=r"class folder\(s\) dog are not classes of the model") as err:
+        ImageFolder(root, class_names=["cat", "horse"])
+    assert "\n" not in str(err.value)
+
+
+def test_without_class_names_the_folder_count_must_be_the_models(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=1)
+    assert len(ImageFolder(root, num_classes=2)) == 2
+    with pytest.raises(DfqError, match="has 2 class folders but the model has 10 classes") as err:
+        ImageFolder(root, num_classes=10)
+    assert "\n" not in str(err.value)
+
+
+def test_the_bundled_model_knows_its_classes():
+    from dfq_deploy.models import CIFAR10_CLASSES, ModelSpec, class_names, create_model
+
+    assert class_names(create_model(ModelSpec())) == list(CIFAR10_CLASSES)
+    # an ImageNet head: WordNet ids, the folder names of ImageNet's ImageFolder layout
+    imagenet = create_model(ModelSpec("deit_t", kwargs={"img_size": 32, "patch_size": 16, "depth": 1},
+                                      random_weights=True))
+    names = class_names(imagenet)
+    assert len(names) == 1000 and names[0] == "n01440764"
+    assert class_names(create_model(ModelSpec("deit_t", kwargs={"img_size": 32, "patch_size": 16, "depth": 1,
+                                                                 "num_classes": 10}, random_weights=True))) is None

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "dfq_deploy"
 #: earlier one. Shared helpers come first; the job, the CLI and the package's lazy API last.
 STAGES = {
     **dict.fromkeys(("errors", "registry", "utils", "config", "device", "models", "data", "calib_images",
-                     "weights"), 0),
+                     "weights", "progress"), 0),
     "synth": 1, "quant": 2, "export": 3, "trt": 4, "bench": 5,
     **dict.fromkeys(("pipeline", "acceptance", "cli", "__main__", "__init__"), 6),
 }

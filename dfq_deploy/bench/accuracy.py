@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dfq_deploy.errors import DfqError
-from dfq_deploy.export.evaluate import evaluate_predictor, onnx_data_config
+from dfq_deploy.export.evaluate import evaluate_predictor, onnx_classes, onnx_data_config
 
 
 def evaluate_engine(path: str | Path, data_dir: str | Path, limit: int | None = None, batch_size: int = 32,
@@ -32,6 +32,6 @@ def evaluate_engine(path: str | Path, data_dir: str | Path, limit: int | None = 
             return np.asarray(engine.infer(np.ascontiguousarray(x.numpy())))[:n]
 
         result = evaluate_predictor(predict, data_dir, data_cfg, limit, min(batch_size, bmax), progress,
-                                    Path(path).name)
+                                    Path(path).name, *onnx_classes(onnx_path))
     result["artifact"] = str(path)
     return result

@@ -324,15 +324,14 @@ def _f(v: Any, fmt: str = "{:.3g}") -> str:
 def _top1_cell(row: dict[str, Any]) -> str:
     if row.get("top1") is None:
         return "–"
-    label = "" if str(row.get("top1_key", "")).startswith(("accuracy", "top1")) else " (agreement)"
-    return f"{100 * row['top1']:.2f}%{label}"
+    return f"{100 * row['top1']:.2f}% ({top1_kind(row)})"
 
 
 def rows_to_markdown(rows: Sequence[dict[str, Any]], with_source: bool = False) -> str:
     """A Markdown table of :func:`table_rows` rows."""
     head = (["Source", "Machine"] if with_source else []) + [
         "Artifact", "Batch", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s", "p50 vs base",
-        "J/img", "W (rail)", "Top-1",
+        "J/img", "W (rail)", "Top-1 (accuracy or agreement)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -484,16 +483,21 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | Non
         plt.close(fig)
 
 
-def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, batch: int | None = None) -> Path | None:
-    """Top-1 against latency per image (and against energy per image when measured).
+#: The two kinds of top-1 a row can carry (:func:`read_top1`), each plotted on its own axis, never together.
+TOP1_KINDS = {"accuracy": "top-1 accuracy on labelled images, %",
+              "agreement": "top-1 agreement with PyTorch on synthetic inputs\n(not accuracy), %"}
 
-    Args:
-        rows: :func:`table_rows` rows.
-        path: PNG to write.
-        batch: batch size to compare at; the smallest one every plotted artifact has when ``None``.
 
-    Returns:
-        the PNG path, or ``None`` when no row has both top-1 and latency.
+def top1_kind(row: dict[str, Any]) -> str:
+    """``accuracy`` or ``agreement`` (ONNX Runtime vs PyTorch on synthetic inputs) of a row's top-1."""
+    return "agreement" if str(row.get("top1_key") or "").startswith("parity") else "accuracy"
+
+
+def tradeoff_figure(rows: Sequence[dict[str, Any]], batch: int | None = None) -> Any:
+    """The figure :func:`plot_tradeoff` saves, or None when no row has both top-1 and latency.
+
+    One row of panels per kind of top-1 present (:data:`TOP1_KINDS`): accuracy and agreement never share an axis,
+    so an export measured only by agreement (about 99%) cannot look better than one with a real top-1.
     """
     pts = [r for r in rows if r.get("top1") is not None and r.get("p50_ms") is not None]
     if not pts:
@@ -505,32 +509,55 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, batch: int |
         common = set.intersection(*by_art.values())
         batch = min(common) if common else min(r["batch"] for r in pts)
     pts = [r for r in pts if r["batch"] == batch]
-    energy = [r for r in pts if r.get("joules_per_image") is not None]
+    kinds = [k for k in TOP1_KINDS if any(top1_kind(r) == k for r in pts)]
+    energy = any(r.get("joules_per_image") is not None for r in pts)
     plt = _pyplot()
     ncols = 2 if energy else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2), squeeze=False)
-    kinds = {str(r.get("top1_key", "")).startswith("parity") for r in pts}
-    ylabel = ("top-1 agreement with PyTorch (not accuracy)" if kinds == {True}
-              else "top-1 accuracy" if kinds == {False} else "top-1 (accuracy or agreement: see table)")
-    panels = [(axes[0][0], pts, "latency_per_image_ms", f"latency per image at batch {batch}, ms (p50)")]
-    if energy:
-        panels.append((axes[0][1], energy, "joules_per_image", "energy per image, J"))
-    for ax, rs, key, xlabel in panels:
-        for r in rs:
-            ax.scatter(r[key], 100 * r["top1"], s=40)
-            label = f"{r['artifact']}" + (f" ({r['source']})" if r.get("source") else "")
-            ax.annotate(label, (r[key], 100 * r["top1"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel + ", %")
-        ax.locator_params(axis="x", nbins=5)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-        ax.margins(x=0.15, y=0.15)
-        ax.grid(True, alpha=0.3)
-    if energy:
-        rails = sorted({f"{r['energy_source']}:{r['power_rail']}" for r in energy})
-        axes[0][1].set_title("rail: " + ", ".join(rails), fontsize=8)
-    fig.suptitle("Accuracy vs cost")
+    fig, axes = plt.subplots(len(kinds), ncols, figsize=(5.5 * ncols, 4.2 * len(kinds)), squeeze=False)
+    for row_axes, kind in zip(axes, kinds, strict=True):
+        mine = [r for r in pts if top1_kind(r) == kind]
+        panels = [(row_axes[0], mine, "latency_per_image_ms", f"latency per image at batch {batch}, ms (p50)")]
+        if energy:
+            panels.append((row_axes[1], [r for r in mine if r.get("joules_per_image") is not None],
+                           "joules_per_image", "energy per image, J"))
+        for ax, rs, key, xlabel in panels:
+            for r in rs:
+                ax.scatter(r[key], 100 * r["top1"], s=40, marker="o" if kind == "accuracy" else "s")
+                label = f"{r['artifact']}" + (f" ({r['source']})" if r.get("source") else "")
+                ax.annotate(label, (r[key], 100 * r["top1"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(TOP1_KINDS[kind])
+            ax.locator_params(axis="x", nbins=5)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+            ax.margins(x=0.15, y=0.15)
+            ax.grid(True, alpha=0.3)
+            if not rs:
+                ax.text(0.5, 0.5, "no energy measured", transform=ax.transAxes, ha="center", fontsize=8)
+        if energy:
+            rails = sorted({f"{r['energy_source']}:{r['power_rail']}" for r in mine
+                            if r.get("joules_per_image") is not None})
+            row_axes[1].set_title("rail: " + ", ".join(rails), fontsize=8)
+    fig.suptitle("Accuracy vs cost" if kinds == ["accuracy"] else
+                 "Accuracy and agreement vs cost (separate panels: agreement is not accuracy)")
+    return fig
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | Path, batch: int | None = None) -> Path | None:
+    """Top-1 against latency per image (and against energy per image when measured): :func:`tradeoff_figure`.
+
+    Args:
+        rows: :func:`table_rows` rows.
+        path: PNG to write.
+        batch: batch size to compare at; the smallest one every plotted artifact has when ``None``.
+
+    Returns:
+        the PNG path, or ``None`` when no row has both top-1 and latency.
+    """
+    fig = tradeoff_figure(rows, batch)
+    if fig is None:
+        return None
+    plt = _pyplot()
     try:
         return _save(fig, Path(path))
     finally:

@@ -16,7 +16,7 @@ Stages, top to bottom:
   5. convert the graph's compute type to FP16 (:mod:`dfq_deploy.export.fp16`; the default, for TensorRT) or keep
      FP32 (for CPU runtimes);
   6. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
-     and apps preprocess like the model;
+     and apps preprocess like the model, and its class names where it has them (:data:`CLASS_NAMES_KEY`);
   7. check with ``onnx.checker`` (full check) and the TensorRT-rules linter.
 """
 
@@ -50,6 +50,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: ONNX metadata key holding the timm data config (input size, mean, std, ...).
 DATA_CONFIG_KEY = "dfq_deploy.data_config"
+#: ONNX metadata key holding the model's class names in label order (JSON list), when the model has them.
+CLASS_NAMES_KEY = "dfq_deploy.class_names"
 
 
 def export_float_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
@@ -275,7 +277,7 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     from dfq_deploy.config import GRAPH_DTYPES
     from dfq_deploy.export.fp16 import to_fp16
     from dfq_deploy.export.lint import check_onnx
-    from dfq_deploy.models import data_config
+    from dfq_deploy.models import class_names, data_config
 
     if dtype not in GRAPH_DTYPES:
         raise DfqError(f"graph dtype '{dtype}' is unknown: use one of {', '.join(GRAPH_DTYPES)}")
@@ -289,6 +291,10 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
         proto = to_fp16(proto)
     meta = proto.metadata_props.add()
     meta.key, meta.value = DATA_CONFIG_KEY, json.dumps(data_cfg)
+    names = class_names(model)
+    if names is not None:
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = CLASS_NAMES_KEY, json.dumps(names)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:

@@ -59,6 +59,7 @@ from dfq_deploy.device import exact_float32, model_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.fp16 import graph_dtype
 from dfq_deploy.export.onnx import pv_output_quantizer
+from dfq_deploy.progress import Progress
 from dfq_deploy.quant.qmodel import attention_modules, quant_linears
 
 logger = logging.getLogger(__name__)
@@ -100,24 +101,32 @@ def reference_session(model: onnx.ModelProto | str):
     return ort_session(model, optimize=False)
 
 
-def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits of ``images`` from an ORT session, batch by batch."""
+def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 64,
+                progress: Progress | None = None) -> np.ndarray:
+    """Logits of ``images`` from an ORT session, batch by batch (counted on ``progress``, in images)."""
     name = session.get_inputs()[0].name
     x = images.numpy() if isinstance(images, torch.Tensor) else images
-    return np.concatenate(
-        [session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0]
-         for i in range(0, len(x), batch_size)]
-    )
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0])
+        if progress is not None:
+            progress.update(len(out[-1]))
+    return np.concatenate(out)
 
 
 @torch.no_grad()
-def run_torch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+def run_torch(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
+              progress: Progress | None = None) -> np.ndarray:
     """``model``'s logits of (CPU) ``images``, run on the model's device in exact float32 (no TF32)."""
     model.eval()
     dev = model_device(model)
+    out = []
     with exact_float32():
-        return torch.cat([model(images[i : i + batch_size].to(dev)).cpu()
-                          for i in range(0, len(images), batch_size)]).numpy()
+        for i in range(0, len(images), batch_size):
+            out.append(model(images[i : i + batch_size].to(dev)).cpu())
+            if progress is not None:
+                progress.update(len(out[-1]))
+    return torch.cat(out).numpy()
 
 
 def parity_probes(calib: torch.Tensor, n: int = NUM_PROBES, seed: int = 0) -> torch.Tensor:
@@ -182,7 +191,7 @@ def _logit_scale(ref: np.ndarray) -> float:
 
 @torch.no_grad()
 def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray, scale: float | None = None,
-                  dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+                  dtype: torch.dtype = torch.float64, progress: Progress | None = None) -> dict[str, Any]:
     """Per-input relative logit error between ``model`` in float32 (``ref``) and a copy of it in ``dtype``.
 
     Args:
@@ -193,6 +202,7 @@ def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray, scale
         dtype: the other precision (see :data:`NULL_DTYPES`). In float16 the copy holds the graph's dequantized
             weights (integers times FP16 scales) instead of re-quantizing FP16 weights, whose integers would flip
             on grid edges where the graph's cannot.
+        progress: counts the images run.
     """
     other = copy.deepcopy(model)
     if dtype == torch.float16:  # the integer weights are fixed in the graph: only the arithmetic runs in FP16
@@ -200,7 +210,7 @@ def rounding_null(model: nn.Module, images: torch.Tensor, ref: np.ndarray, scale
             if lin.weight_quantizer is not None and lin.weight_quantizer.enabled:
                 lin.weight.data = torch.from_numpy(_dequantized_weight(lin, np.float16)).to(lin.weight.device)
                 lin.weight_quantizer.enabled = False
-    got = run_torch(other.to(dtype), images.to(dtype)).astype(np.float64)
+    got = run_torch(other.to(dtype), images.to(dtype), progress=progress).astype(np.float64)
     err = np.abs(got - ref.astype(np.float64)).max(-1) / (_logit_scale(ref) if scale is None else scale)
     return {"n": int(len(images)), "dtype": str(dtype).removeprefix("torch."), "median": float(np.median(err)),
             "max": float(err.max())}
@@ -325,7 +335,8 @@ def _as_out_in(w: np.ndarray, user: onnx.NodeProto, name: str) -> np.ndarray:
 
 
 def measure_parity(
-    model: nn.Module, proto: onnx.ModelProto, inputs: dict[str, torch.Tensor], threshold: float = 0.99
+    model: nn.Module, proto: onnx.ModelProto, inputs: dict[str, torch.Tensor], threshold: float = 0.99,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Compare ``model`` (PyTorch) and ``proto`` (ORT) on named input sets under :data:`RULE`.
 
@@ -334,27 +345,33 @@ def measure_parity(
         proto: the exported graph.
         inputs: e.g. ``{"calibration": x_cal, "held_back": parity_probes(x_cal)}``.
         threshold: minimum fraction of inputs of every set that must agree within rounding (0 turns the check off).
+        progress: a progress bar on a terminal (log lines with an ETA are written either way).
 
     Returns:
         ``{set name: figures, ..., "rule", "threshold", "tolerance", "null", "structure", "checks", "passed"}``.
     """
     session = reference_session(proto)
     dtype = graph_dtype(proto)
-    refs = {name: run_torch(model, x) for name, x in inputs.items()}
+    n_all = sum(len(x) for x in inputs.values())
+    n_null = min(NULL_INPUTS, n_all)
+    # every input through PyTorch and ONNX Runtime, plus the rounding null's inputs through the other precision
+    prog = Progress(2 * n_all + n_null, "parity", "img", logger, bar=progress)
+    refs = {name: run_torch(model, x, progress=prog) for name, x in inputs.items()}
     all_x = torch.cat(list(inputs.values()))
-    pick = torch.linspace(0, len(all_x) - 1, min(NULL_INPUTS, len(all_x))).round().long()
+    pick = torch.linspace(0, len(all_x) - 1, n_null).round().long()
     all_ref = np.concatenate(list(refs.values()))
     scale = _logit_scale(all_ref)
-    null = rounding_null(model, all_x[pick], all_ref[pick.numpy()], scale, NULL_DTYPES[dtype])
+    null = rounding_null(model, all_x[pick], all_ref[pick.numpy()], scale, NULL_DTYPES[dtype], progress=prog)
     tol = max(NULL_FACTOR * null["max"], FLOAT_RTOL)
     out: dict[str, Any] = {}
     errors = []
     for name, x in inputs.items():
-        got = run_session(session, x)
+        got = run_session(session, x, progress=prog)
         out[name] = compare_logits(refs[name], got, tol, scale)
         errors.append(np.abs(refs[name].astype(np.float64) - got).max(-1) / scale)
         logger.info("parity on %s: %d of %d inputs beyond rounding (median error %.3g, tolerance %.3g)", name,
                     out[name]["disagreeing"], out[name]["n"], out[name]["median_error"], tol)
+    prog.close()
     sets = list(out.values())
     pooled = float(np.median(np.concatenate(errors)))
     structure = structure_parity(model, proto)

@@ -95,12 +95,15 @@ def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, co
         logger.info("reparam: %s has float activations, nothing to reparameterise", cfg.name)
     fp_model = copy.deepcopy(model)
     t = time.perf_counter()
+    logger.info("ranges: %s from %d calibration images ...", cfg.name, len(calib))
     quantize(model, cfg, batches_loop(calib))
     timings["quantize_s"] = time.perf_counter() - t
     stage_s["quantize_s"] = timings["quantize_s"]
+    logger.info("ranges: done in %.1f s", timings["quantize_s"])
 
     def measure(stage: str) -> None:
         t = time.perf_counter()
+        logger.info("errors of the %s model against the float model on %d held-back inputs ...", stage, len(held))
         rep["stages"][stage] = block_errors(model, fp_model, held)
         stage_s[f"errors_{stage}_s"] = time.perf_counter() - t
 

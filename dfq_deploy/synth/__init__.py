@@ -13,7 +13,7 @@ from dfq_deploy.synth.base import SOURCES, CalibRequest, CalibSet, get_source, r
 from dfq_deploy.synth.loop import SynthResult, synthesize
 from dfq_deploy.synth.method import METHODS, method_options
 from dfq_deploy.synth.options import SynthOptions
-from dfq_deploy.synth.run import load_synth_dir, synthesize_default, synthesize_to_dir
+from dfq_deploy.synth.run import calibration_set, load_synth_dir, synthesize_default, synthesize_to_dir
 
 __all__ = [
     "METHODS",
@@ -22,6 +22,7 @@ __all__ = [
     "CalibSet",
     "SynthOptions",
     "SynthResult",
+    "calibration_set",
     "get_source",
     "load_synth_dir",
     "method_options",

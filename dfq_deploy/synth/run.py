@@ -33,13 +33,15 @@ import torch
 from torch import nn
 
 from dfq_deploy.calib_images import CALIB_IMAGES_FILE, read_calib_images
+from dfq_deploy.config import CalibrationConfig
 from dfq_deploy.device import model_device
 from dfq_deploy.errors import DfqError
-from dfq_deploy.synth.base import CalibSet
+from dfq_deploy.models import data_config
+from dfq_deploy.synth.base import CalibRequest, CalibSet, get_source
 from dfq_deploy.synth.checkpoint import checkpoint_files, jsonable_cfg, load_checkpoint, shard_checkpoint_path
 from dfq_deploy.synth.distributed import CollectiveError, current, local_device
 from dfq_deploy.synth.loop import SynthResult, synthesize
-from dfq_deploy.synth.method import method_options
+from dfq_deploy.synth.method import METHODS, method_options
 from dfq_deploy.synth.options import SynthOptions
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png
 
@@ -346,7 +348,7 @@ def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32,
     """
     from dfq_deploy.config import DEFAULT_CALIB, DEFAULT_SYNTH_ITERS
     from dfq_deploy.device import resolve_device
-    from dfq_deploy.models import create_model, data_config
+    from dfq_deploy.models import create_model
 
     torch.manual_seed(0)  # random-weight models: the same weights as the export job builds
     model = create_model(spec).to(resolve_device(device))
@@ -355,3 +357,39 @@ def synthesize_default(spec: Any, output_dir: str | Path, num_samples: int = 32,
                   model_info=spec.to_dict())
     return Path(output_dir)
 
+
+
+def calibration_set(model: nn.Module, calibration: CalibrationConfig | None = None, seed: int = 0,
+                    progress: bool = True) -> CalibSet:
+    """The calibration images a :class:`~dfq_deploy.config.CalibrationConfig` asks for, as ``export`` makes them.
+
+    A saved ``dfq-deploy synth`` folder (``calib_from``) is read back; otherwise ``source`` runs now: a data-free
+    method (``dfqvit`` by default, ``iterations`` steps), ``noise``, or ``real`` images from ``calib_dir``.
+
+    Example::
+
+        from dfq_deploy import CalibrationConfig, ModelSpec, calibration_set, create_model
+        model = create_model(ModelSpec("deit_tiny_cifar10"))
+        images = calibration_set(model, CalibrationConfig(num_samples=32, iterations=200)).images
+
+    Args:
+        model: the float model (its device runs the synthesis).
+        calibration: a :class:`~dfq_deploy.config.CalibrationConfig` (None: the defaults).
+        seed: the seed of the images.
+        progress: a progress bar for the synthesis.
+
+    Returns:
+        a :class:`CalibSet`: ``images`` ``[N, C, H, W]`` in the model's normalised space (CPU), and ``meta``.
+    """
+    cal = CalibrationConfig() if calibration is None else calibration
+    dcfg = data_config(model)
+    if cal.calib_from is not None:
+        return load_synth_dir(cal.calib_from, dcfg)
+    options: dict[str, Any] = {}
+    if cal.source in METHODS.names():
+        options["progress"] = progress
+        if cal.iterations is not None:
+            options["iterations"] = cal.iterations
+        if cal.precision is not None:
+            options["precision"] = cal.precision
+    return get_source(cal.source)(model, CalibRequest(cal.num_samples, seed, dcfg, cal.calib_dir, options))

@@ -175,3 +175,32 @@ def test_merge_reports(tmp_path, bench_result):
         merge_reports([tmp_path / "empty"])
     with pytest.raises(DfqError, match="not a folder"):
         merge_reports([tmp_path / "missing"])
+
+
+def test_agreement_and_accuracy_never_share_an_axis(tmp_path):
+    """An export without --eval-data (99.31% agreement) and one with a real top-1 (77.66%) are plotted in separate
+    panels with their own y labels, and the table says which is which."""
+    import matplotlib.pyplot as plt
+
+    from dfq_deploy.bench.report import TOP1_KINDS, plot_tradeoff, rows_to_markdown, tradeoff_figure
+
+    base = {"batch": 1, "p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 1.3, "mean_ms": 1.0, "std_ms": 0.1,
+            "throughput_ips": 1000.0, "latency_per_image_ms": 1.0}
+    rows = [{**base, "artifact": "no-eval", "top1": 0.9931, "top1_key": "parity.held_back.top1_agreement"},
+            {**base, "artifact": "with-eval", "top1": 0.7766, "top1_key": "accuracy.top1", "p50_ms": 1.1,
+             "latency_per_image_ms": 1.1}]
+    fig = tradeoff_figure(rows)
+    try:
+        axes = fig.get_axes()
+        assert [ax.get_ylabel() for ax in axes] == [TOP1_KINDS["accuracy"], TOP1_KINDS["agreement"]]
+        labels = [[t.get_text() for t in ax.texts] for ax in axes]
+        assert labels == [["with-eval"], ["no-eval"]]
+        assert [ax.collections[0].get_offsets()[0][1] for ax in axes] == pytest.approx([77.66, 99.31])
+    finally:
+        plt.close(fig)
+    only_accuracy = tradeoff_figure(rows[1:])
+    assert len(only_accuracy.get_axes()) == 1
+    plt.close(only_accuracy)
+    assert plot_tradeoff(rows, tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    md = rows_to_markdown(rows)
+    assert "99.31% (agreement)" in md and "77.66% (accuracy)" in md

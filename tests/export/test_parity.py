@@ -157,7 +157,7 @@ def test_api_file_is_deployable(tmp_path, tiny_model, image_folder):
     path = save_onnx(to_onnx(tiny_model), tmp_path / "m.onnx")
     assert any(p.key == DATA_CONFIG_KEY for p in __import__("onnx").load(str(path)).metadata_props)
     assert onnx_data_config(path)["input_size"] == tuple(data_config(tiny_model)["input_size"])
-    assert evaluate_onnx(path, image_folder, progress=False)["n"] == 12
+    assert evaluate_onnx(path, image_folder, progress=False)["n"] == 20
 
 
 def test_float16_null_uses_the_graphs_weights_and_leaves_the_model_alone():

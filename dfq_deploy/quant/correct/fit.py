@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq_deploy.config import CORRECTION_MODES
+from dfq_deploy.progress import Progress
 from dfq_deploy.quant.correct.capture import (
     block_inputs,
     check_separate,
@@ -383,8 +384,8 @@ def fit_corrections_(
     gen = torch.Generator().manual_seed(seed)
     fmods = dict(fp_model.named_modules())
     n_prefix = num_prefix_tokens(model)
-    with eval_mode(model, fp_model):
-        for i, (qb, fb) in enumerate(zip(qblocks, fblocks, strict=True)):
+    with eval_mode(model, fp_model), Progress(len(qblocks), f"correct ({mode})", "blocks", logger, every_s=0) as prog:
+        for qb, fb in zip(qblocks, fblocks, strict=True):
             xq = block_inputs(model, qb, images, batch_size)
             with quant_disabled(fp_model):
                 xf = block_inputs(fp_model, fb, images, batch_size)
@@ -394,7 +395,7 @@ def fit_corrections_(
                 info = _fit_layer(lin, fmods[name], data, mode, alphas, default_alpha, val_every, shrink)
                 report["layers"][name] = info
                 logger.debug("%s: %s", name, info)
-            logger.info("corrected block %d/%d (%s)", i + 1, len(qblocks), mode)
+            prog.update()
     if fold:
         fold_corrections_(model)
     report["fit_s"] = time.perf_counter() - t0

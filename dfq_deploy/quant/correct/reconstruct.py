@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq_deploy.progress import Progress
 from dfq_deploy.quant.correct.capture import block_inputs, check_separate, eval_mode
 from dfq_deploy.quant.qmodel import QuantLinear, quant_disabled, transformer_blocks
 
@@ -90,7 +91,8 @@ def reconstruct_(
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
-        with eval_mode(model, fp_model):
+        with eval_mode(model, fp_model), Progress(len(qblocks), f"reconstruct ({iters} steps a block)", "blocks",
+                                                  logger, every_s=0) as prog:
             for i, (qb, fb) in enumerate(zip(qblocks, fblocks, strict=True)):
                 t = time.perf_counter()
                 xq = block_inputs(model, qb, images, batch_size)
@@ -119,7 +121,8 @@ def reconstruct_(
                     rescaled, loss_end = _try_rescale(qb, lins, xq, target, batch_size, loss_end)
                 report["blocks"].append({"loss_start": loss_start, "loss_end": loss_end, "rescaled": rescaled,
                                          "seconds": time.perf_counter() - t})
-                logger.info("reconstructed block %d/%d: mse %.3g -> %.3g", i + 1, len(qblocks), loss_start, loss_end)
+                logger.debug("reconstructed block %d/%d: mse %.3g -> %.3g", i + 1, len(qblocks), loss_start, loss_end)
+                prog.update()
     finally:
         for p, state in frozen:
             p.requires_grad_(state)
