@@ -101,21 +101,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import dfq_deploy.quant  # noqa: F401  (registers dfqvit's fake-quant student for --options hard_student)
     from dfq_deploy.device import resolve_device
     from dfq_deploy.models import create_model, data_config
-    from dfq_deploy.synth import METHODS, synthesize_to_dir
+    from dfq_deploy.synth import METHODS, method_options, synthesize_to_dir
     from dfq_deploy.synth.distributed import init_from_env, is_main_process
+    from dfq_deploy.synth.method import options_example
 
     spec = _spec(args)
     spec.timm_name  # noqa: B018 - an unknown model fails before anything else
     METHODS.get(args.method)
-    device = init_from_env(resolve_device(args.device))  # under torchrun: join the group; cuda:LOCAL_RANK
+    example = options_example(args.method)
     try:
         options = json.loads(args.options) if args.options else None
     except json.JSONDecodeError as exc:
-        raise DfqError(f"--options is not valid JSON ({exc.msg}): write e.g. '{{\"alpha1\": 100}}'") from None
+        raise DfqError(f"--options is not valid JSON ({exc.msg}): write e.g. '{example}' for {args.method}") from None
+    if options is not None and not isinstance(options, dict):
+        raise DfqError(f"--options must be a JSON object, e.g. '{example}' for {args.method}")
     if args.synth_dtype is not None:
-        if options is not None and not isinstance(options, dict):
-            raise DfqError("--options must be a JSON object, e.g. '{\"alpha1\": 100}'")
         options = {**(options or {}), "precision": args.synth_dtype}
+    try:  # every option checked against the method before any model work
+        method_options(args.method, options, num_samples=args.num_samples, iterations=args.iters, seed=args.seed)
+    except DfqError as exc:
+        raise DfqError(f"{exc}; e.g. --options '{example}' for {args.method}") from None
+    device = init_from_env(resolve_device(args.device))  # under torchrun: join the group; cuda:LOCAL_RANK
     out = args.output or f"out/synth-{spec.name}-{args.method}"
     torch.manual_seed(args.seed)  # --random-weights: the same seed builds the same model, so --resume matches
     model = create_model(spec).to(device)
@@ -277,11 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "synth", parents=[common], help="synthesize calibration images from the model alone (data-free)")
     _model_args(s)
-    s.add_argument("--method", default="spdfq", help="psaq, spdfq or dfqvit")
+    s.add_argument("--method", default=cal.source,
+                   help=f"psaq, spdfq or dfqvit (default {cal.source}, export's default source)")
     s.add_argument("--num-samples", type=int, default=32)
     s.add_argument("--iters", type=int, help="optimisation steps (default: the method's)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--options", help='method options as JSON, e.g. \'{"alpha1": 100}\'')
+    s.add_argument("--options", help='method options as JSON, e.g. \'{"global_frac": 0.3}\' for dfqvit, '
+                                     '\'{"alpha1": 100}\' for spdfq (unknown keys are refused before any work)')
     _device_args(s)
     s.add_argument("--checkpoint-every", type=int, default=200)
     s.add_argument("--resume", action="store_true", help="continue the run saved in --output up to --iters")

@@ -131,12 +131,22 @@ def resolve_name(name: str) -> str:
     """
     full = ALIASES.get(name, name)
     if not timm.is_model(full.split(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise DfqError(
-            f"unknown model '{name}': use a timm model name or one of {', '.join(sorted(ALIASES))}{hint}"
-        )
+        close = similar_models(name)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise DfqError(f"unknown model '{name}': use the bundled {BUNDLED_MODEL}, an alias "
+                       f"({', '.join(ALIASES)}) or a timm model name{hint}")
     return full
+
+
+def similar_models(name: str, n: int = 5) -> list[str]:
+    """Names close to a mistyped ``name``: the bundled model and the aliases first, then timm's ViT, DeiT and Swin
+    models (the families this tool quantizes)."""
+    import difflib
+
+    own = difflib.get_close_matches(name, [BUNDLED_MODEL, *ALIASES], n=3, cutoff=0.6)
+    family = timm.list_models(["*vit*", "*deit*", "*swin*"])
+    others = [m for m in difflib.get_close_matches(name, family, n=n, cutoff=0.6) if m not in own]
+    return (own + others)[:n]
 
 
 def parse_model_kwargs(text: str | None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from dfq_deploy.quant.correct import plot_block_errors
 from dfq_deploy.quant.recipe import HELD_SEED_OFFSET, quantize_
 from dfq_deploy.synth import METHODS, CalibRequest, calibration_set, get_source, load_synth_dir
 from dfq_deploy.synth.distributed import current, init_from_env
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, removed_if_left_empty
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,11 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     Raises:
         DfqError: bad input, a TensorRT-rule violation, or failed parity; nothing is left in the output folder.
     """
+    with removed_if_left_empty(opts.output):  # a failure or Ctrl-C leaves no empty folder behind
+        return _export(opts)
+
+
+def _export(opts: ExportOptions) -> dict[str, Any]:
     cfg, cal = opts.quant, opts.calibration
     assert cfg is not None and opts.dtype is not None
     out = Path(opts.output)

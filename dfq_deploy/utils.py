@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def removed_if_left_empty(path: str | Path) -> Iterator[Path]:
+    """On an error or Ctrl-C inside the block, remove the folders of ``path`` that the block created and left empty.
+
+    A command that fails leaves the file system as it found it: a folder that existed before is never removed,
+    and neither is one that holds anything (a checkpoint to resume from, say).
+    """
+    path = Path(path)
+    new = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    try:
+        yield path
+    except BaseException:
+        for p in new:
+            try:
+                p.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -122,7 +122,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys, monkeypatch):
         lines = [line for line in err.splitlines() if line.startswith("dfq-deploy: error:")]
         assert len(lines) == 1 and message in lines[0], (argv, err)
         assert "Traceback" not in err
-        assert not out.exists() or not any(out.iterdir()), argv  # nothing half-written
+        assert not out.exists(), argv  # nothing half-written, and no empty folder the command made
 
 
 def test_no_offline_weights_names_checkpoint(tmp_path, capsys, monkeypatch):
@@ -302,3 +302,48 @@ def test_eval_on_a_folder_of_some_classes_scores_them_by_name(tmp_path, capsys):
     (part / "cat").rename(part / "kitten")
     code, _, err = _run(capsys, "eval", "--onnx", str(out / "model.onnx"), "--data", str(part))
     assert code == 2 and "kitten are not classes of the model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_interrupted_export_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch):
+    import dfq_deploy.pipeline
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dfq_deploy.pipeline, "quantize_", interrupt)  # Ctrl-C in the middle of the job
+    made = tmp_path / "new" / "deeper"
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", "--calib", "noise", "--output", str(made))
+    assert code == 130 and "interrupted" in err
+    assert not (tmp_path / "new").exists()  # both folders it created are gone
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert _run(capsys, "export", *TINY, "--random-weights", "--calib", "noise", "--output", str(kept))[0] == 130
+    assert kept.is_dir()  # a folder that was there before stays
+
+
+def test_synth_options_are_checked_before_any_model_work(tmp_path, capsys, monkeypatch):
+    import dfq_deploy.models
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was built before the options were checked")
+
+    monkeypatch.setattr(dfq_deploy.models, "create_model", no_model)
+    code, _, err = _run(capsys, "synth", "--options", '{"alpha1": 100}', "--output", str(tmp_path / "s"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "alpha1" in err and "global_frac" in err  # the default method is dfqvit: its own option as example
+    example = err.split("--options '")[1].split("'")[0]
+    monkeypatch.undo()
+    from dfq_deploy.synth import method_options
+
+    assert method_options("dfqvit", json.loads(example)).global_frac == 0.3  # the example is valid
+    code, _, err = _run(capsys, "synth", "--method", "spdfq", "--options", "{bad", "--output", str(tmp_path / "s"))
+    assert code == 2 and "for spdfq" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_model_suggests_the_aliases_and_the_bundled_model_first(capsys):
+    code, _, err = _run(capsys, "export", "--model", "deit_tinyy", "--random-weights")
+    assert code == 2
+    suggested = err.split("did you mean ")[1].rstrip("?\n").split(", ")
+    assert suggested[:2] == ["deit_t", "deit_tiny_cifar10"] and "deit3_base_patch16_224" not in suggested
+    assert "vit_l" in err  # every alias is listed

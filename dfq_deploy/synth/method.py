@@ -228,3 +228,13 @@ def method_options(name: str, options: dict[str, Any] | SynthOptions | None = No
         data = dict(options or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
     return cls.from_dict(data)
+
+
+def options_example(name: str) -> str:
+    """A valid ``--options`` JSON for method ``name``: its first own numeric option at its default value."""
+    import json
+
+    base = {f.name for f in fields(SynthOptions)}
+    own = [f for f in fields(get_method(name).Options) if f.name not in base]
+    pick = next((f for f in own if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)), None)
+    return json.dumps({pick.name: pick.default} if pick else {"iterations": 200})

@@ -43,7 +43,7 @@ from dfq_deploy.synth.distributed import CollectiveError, current, local_device
 from dfq_deploy.synth.loop import SynthResult, synthesize
 from dfq_deploy.synth.method import METHODS, method_options
 from dfq_deploy.synth.options import SynthOptions
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png, removed_if_left_empty
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +110,9 @@ def synthesize_to_dir(
             "or choose an empty --output folder"
         )
     opts = method_options(method, options, num_samples=num_samples, seed=seed, iterations=iters)
-    res = synthesize(
-        model,
-        data_cfg,
-        method,
-        opts,
-        checkpoint_path=ckpt,
-        resume=resume,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-        stop_after=stop_after,
-    )
+    with removed_if_left_empty(out):  # stopped before its first checkpoint: no empty folder left behind
+        res = synthesize(model, data_cfg, method, opts, checkpoint_path=ckpt, resume=resume,
+                         checkpoint_every=checkpoint_every, progress=progress, stop_after=stop_after)
     calib = res.to_calib_set()
     calib.meta.update(complete=res.complete, dir=str(out))
     if not res.complete:
