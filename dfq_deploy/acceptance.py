@@ -9,11 +9,16 @@ Top to bottom, on a machine with an NVIDIA GPU and TensorRT >= 10:
 3. build each engine (strongly typed, batch 1..32, one shared timing cache);
 4. measure each engine's top-1 on the same ``dev`` images and compare it with the ONNX Runtime figure
    (:data:`ACCURACY_TOLERANCE_POINTS`);
-5. run the GPU tests (``pytest -m gpu tests/trt``) when the source tree is there;
-6. benchmark latency (batch 1/8/32, interleaved) and energy where the board exposes it;
+5. run the GPU tests (``pytest -m gpu tests/trt`` of the source checkout, or ``--tests DIR``);
+6. benchmark latency (batch 1/8/32, interleaved) and energy;
 7. write ``acceptance.json`` and ``acceptance.md`` (atomically), and return non-zero when a check failed.
 
-Only steps 1, the plan and the summary writer run without a GPU; they are what the tests here cover.
+A check that was asked for and did not run is a failure, never a pass (:func:`failures`): GPU tests that cannot
+be found, none collected or any of them skipped; an export, build or evaluation that raised; a batch size
+without a latency; a latency without energy. Only the user can leave a step out (``--skip-gpu-tests``,
+``--skip-energy``), and the summary says so.
+
+Only step 1, the plan and the verdict run without a GPU; they are what the tests here cover.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import logging
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +46,13 @@ ACCURACY_TOLERANCE_POINTS = 1.0
 BATCHES = (1, 8, 32)
 #: Timed seconds per engine and batch size in the latency step.
 BENCH_SECONDS = 5.0
-TESTS_DIR = Path(__file__).resolve().parents[2] / "tests" / "trt"
+#: The GPU tests of the source checkout this package runs from (``<repo>/dfq_deploy/acceptance.py`` ->
+#: ``<repo>/tests/trt``); an install without the source tree has none: pass ``--tests DIR``.
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests" / "trt"
 #: The GPU tests may take this long before they count as failed.
 GPU_TESTS_TIMEOUT_S = 1800
+#: Steps a user may leave out (``--skip-gpu-tests``, ``--skip-energy``); every other one must run.
+SKIPPABLE = ("gpu-tests", "energy")
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,12 @@ class Step:
     detail: str
 
 
-def acceptance_plan(outdir: str | Path, data: str | Path, limit: int | None = None) -> list[Step]:
+def acceptance_plan(outdir: str | Path, data: str | Path, limit: int | None = None,
+                    tests_dir: str | Path | None = None, skip: Collection[str] = ()) -> list[Step]:
     """The steps :func:`run_acceptance` takes, in order (no TensorRT needed)."""
+    check_skip(skip)
     out = Path(outdir)
+    tests = Path(tests_dir) if tests_dir is not None else TESTS_DIR
     images = f"{limit} images of {data}" if limit else f"all of {data}"
     steps = [Step("check", "TensorRT >= 10 and an NVIDIA GPU")]
     for name, bits, _ in EXPORTS:
@@ -64,11 +78,21 @@ def acceptance_plan(outdir: str | Path, data: str | Path, limit: int | None = No
         steps.append(Step(f"build {name}", f"--precision {precision} --batch 1,8,32 -> {out / name / 'model.engine'}"))
         steps.append(Step(f"accuracy {name}", f"engine top-1 on {images}, within "
                                               f"{ACCURACY_TOLERANCE_POINTS:g} points of ONNX Runtime's"))
-    steps.append(Step("gpu tests", f"pytest -m gpu {TESTS_DIR}" if TESTS_DIR.is_dir() else "skipped: no source tree"))
+    if "gpu-tests" in skip:
+        steps.append(Step("gpu tests", "left out (--skip-gpu-tests)"))
+    else:
+        steps.append(Step("gpu tests", f"pytest -m gpu {tests}" if tests.is_dir() else
+                          f"NOT FOUND: {tests} (the run will fail; pass --tests DIR or --skip-gpu-tests)"))
     steps.append(Step("latency", f"batches {','.join(map(str, BATCHES))}, {BENCH_SECONDS:g} s each, interleaved, "
-                                 "energy where measurable"))
+                                 + ("energy left out (--skip-energy)" if "energy" in skip else "with energy")))
     steps.append(Step("summary", f"{out / 'acceptance.json'}, {out / 'acceptance.md'}"))
     return steps
+
+
+def check_skip(skip: Collection[str]) -> None:
+    unknown = sorted(set(skip) - set(SKIPPABLE))
+    if unknown:
+        raise DfqError(f"cannot leave out {', '.join(unknown)}: only {', '.join(SKIPPABLE)} may be skipped")
 
 
 def check_environment() -> None:
@@ -95,9 +119,18 @@ def compare_accuracy(onnx_top1: float, engine_top1: float,
             "tolerance_points": tolerance_points, "passed": abs(delta) <= tolerance_points}
 
 
-def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run every step (see the module docstring) and write the summary; returns it."""
+def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = None, progress: bool = True,
+                   tests_dir: str | Path | None = None, skip: Collection[str] = ()) -> dict[str, Any]:
+    """Run every step (see the module docstring) and write the summary; returns it.
+
+    Args:
+        outdir: where the exports, engines and the summary go.
+        data: ImageFolder for the accuracy checks.
+        limit: a seeded subset of this many images.
+        progress: progress bars.
+        tests_dir: the GPU tests (default :data:`TESTS_DIR`).
+        skip: steps the user leaves out (:data:`SKIPPABLE`); recorded in the summary.
+    """
     from dfq_deploy.bench.accuracy import evaluate_engine
     from dfq_deploy.bench.latency import run_benchmark
     from dfq_deploy.bench.power import auto_sampler
@@ -108,14 +141,16 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     from dfq_deploy.trt import build_engine, plan_build
     from dfq_deploy.trt.env import gpu_info, tensorrt_version
 
+    check_skip(skip)
     check_environment()
     ImageFolder(data)  # a missing or empty data folder fails now, not after the synthesis
     out = Path(outdir)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"tensorrt": tensorrt_version(), "gpu": gpu_info(), "data": str(data), "limit": limit,
-                              "exports": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                              "exports": {}, "skipped_by_request": sorted(skip),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     engines = []
-    synth = synthesize_default(ModelSpec(), out / "synth", ExportOptions.num_samples, progress=progress)  # once
+    synth = synthesize_default(ModelSpec(), out / "synth", CalibrationConfig().num_samples, progress=progress)
     for name, bits, precision in EXPORTS:
         try:  # a failed export, build or evaluation is a failed check of this export; the others still run
             logger.warning("acceptance: export %s", name)
@@ -131,43 +166,115 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
             logger.error("acceptance: %s failed: %s", name, exc)
             result["exports"][name] = {"error": str(exc), "parity_passed": False}
             continue
-        engines.append(engine)
+        engines.append((name, engine))
         result["exports"][name] = {"onnx": report["artifact"], "engine": str(engine), "dtype": report["dtype"],
                                    "parity_passed": report["parity"]["passed"],
                                    "accuracy": compare_accuracy(report["accuracy"]["top1"], acc["top1"])}
-    result["gpu_tests"] = run_gpu_tests()
+    result["gpu_tests"] = ({"ran": False, "reason": "left out by request (--skip-gpu-tests)"} if "gpu-tests" in skip
+                           else run_gpu_tests(tests_dir, out))
     result["latency"] = []
     if engines:
-        bench = run_benchmark(engines, runtime="trt", batches=BATCHES, seconds=BENCH_SECONDS, progress=progress,
-                              power_sampler=auto_sampler())
-        result["latency"] = [{"name": a["name"], "batches": [{k: v for k, v in b.items() if k != "samples_s"}
-                                                             for b in a["batches"]]} for a in bench["artifacts"]]
+        bench = run_benchmark([e for _, e in engines], runtime="trt", batches=BATCHES, seconds=BENCH_SECONDS,
+                              progress=progress, power_sampler=None if "energy" in skip else auto_sampler())
+        result["latency"] = [{"export": name, "name": a["name"],
+                              "batches": [{k: v for k, v in b.items() if k != "samples_s"} for b in a["batches"]]}
+                             for (name, _), a in zip(engines, bench["artifacts"], strict=True)]
     result["seconds"] = time.perf_counter() - t0
     write_summary(result, out)
     return result
 
 
-def run_gpu_tests() -> dict[str, Any]:
-    """``pytest -m gpu tests/trt`` in a subprocess, when the source tree is there."""
-    if not TESTS_DIR.is_dir():
-        return {"ran": False, "reason": f"{TESTS_DIR} not found (installed without the source tree)"}
+def run_gpu_tests(tests_dir: str | Path | None = None, out: str | Path | None = None) -> dict[str, Any]:
+    """``pytest -m gpu`` on ``tests_dir`` (default :data:`TESTS_DIR`) in one process, counted from its JUnit XML.
+
+    Returns:
+        ``{"ran", "passed", "counts", "summary"}``; ``ran`` is False (a failure of the run) when the folder is
+        missing or no test was collected, and ``passed`` is False when any test failed, errored or was skipped
+        (on the GPU machine a skipped GPU test is a check that did not run).
+    """
+    tests = Path(tests_dir) if tests_dir is not None else TESTS_DIR
+    if not tests.is_dir():
+        return {"ran": False, "reason": f"GPU tests not found at {tests} (an install without the source tree): "
+                                        "pass --tests DIR, or --skip-gpu-tests to leave them out"}
+    report = Path(out or ".") / "gpu-tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-rs", f"--junitxml={report}",
+           str(tests)]  # addopts cleared: no -m 'not slow', no parallel workers on the one GPU
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", str(TESTS_DIR)],
-                              capture_output=True, text=True, check=False, timeout=GPU_TESTS_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=GPU_TESTS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"ran": True, "passed": False, "summary": f"timed out after {GPU_TESTS_TIMEOUT_S} s"}
-    if proc.returncode == 5:  # pytest: no tests collected
-        return {"ran": False, "reason": f"no GPU tests collected in {TESTS_DIR}"}
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-    return {"ran": True, "passed": proc.returncode == 0, "summary": lines[-1] if lines else proc.stderr[-500:]}
+    summary = lines[-1] if lines else proc.stderr.strip()[-500:]
+    counts = junit_counts(report) if report.is_file() else None
+    if counts is None or counts["tests"] == 0:
+        return {"ran": False, "counts": counts, "reason": f"no GPU tests collected in {tests} (pytest exit "
+                                                          f"{proc.returncode}: {summary})"}
+    ran = counts["tests"] - counts["skipped"]
+    ok = proc.returncode == 0 and counts["failures"] == counts["errors"] == counts["skipped"] == 0
+    result = {"ran": ran > 0, "passed": ok, "counts": counts, "summary": summary}
+    if counts["skipped"]:
+        result["skip_reasons"] = counts["skip_reasons"]
+    return result
+
+
+def junit_counts(path: str | Path) -> dict[str, Any]:
+    """Tests, failures, errors and skips (with their reasons) of a pytest JUnit XML report."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts: dict[str, Any] = {k: sum(int(x.get(k, 0)) for x in suites) for k in ("tests", "failures", "errors",
+                                                                                 "skipped")}
+    counts["skip_reasons"] = sorted({el.get("message", "") for el in root.iter("skipped")})
+    return counts
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Why the run fails: one line per check that failed or did not run (empty: passed).
+
+    Every export of :data:`EXPORTS` must report parity and an engine accuracy within tolerance, the GPU tests
+    must have run and passed, every engine must have a latency at every batch size of :data:`BATCHES`, and each
+    of those an energy figure; only the steps in ``result["skipped_by_request"]`` may be missing.
+    """
+    skip = set(result.get("skipped_by_request") or ())
+    out = []
+    exports = result.get("exports") or {}
+    for name, _, _ in EXPORTS:
+        e = exports.get(name)
+        if e is None:
+            out.append(f"export {name}: did not run")
+        elif "error" in e:
+            out.append(f"export {name}: {e['error']}")
+        else:
+            if not e.get("parity_passed"):
+                out.append(f"export {name}: parity failed")
+            acc = e.get("accuracy") or {}
+            if not acc.get("passed"):
+                out.append(f"export {name}: engine top-1 not within {ACCURACY_TOLERANCE_POINTS:g} points of ONNX "
+                           "Runtime's" if acc else f"export {name}: no engine accuracy")
+    tests = result.get("gpu_tests") or {}
+    if "gpu-tests" not in skip:
+        if not tests.get("ran"):
+            out.append(f"GPU tests did not run: {tests.get('reason', 'no result')}")
+        elif not tests.get("passed"):
+            out.append(f"GPU tests failed: {tests.get('summary')}")
+    timed = {a.get("export", a.get("name")): a for a in result.get("latency") or []}
+    for name, e in exports.items():
+        if "engine" not in e:
+            continue
+        batches = {b.get("batch"): b for b in (timed.get(name) or {}).get("batches", [])}
+        for b in BATCHES:
+            entry = batches.get(b)
+            if entry is None or "skipped" in entry or not (entry.get("latency") or {}).get("p50_ms"):
+                why = (entry or {}).get("skipped", "not measured")
+                out.append(f"latency {name} batch {b}: {why}")
+            elif "energy" not in skip and (entry.get("energy") or {}).get("joules_per_image") is None:
+                why = (entry.get("energy") or {}).get("reason", "not measured")
+                out.append(f"energy {name} batch {b}: {why} (--skip-energy leaves energy out)")
+    return out
 
 
 def passed(result: dict[str, Any]) -> bool:
-    """Every export's accuracy check, its parity and the GPU tests (when they ran) passed."""
-    ok = bool(result["exports"]) and all("error" not in e and e["accuracy"]["passed"] and e["parity_passed"]
-                                         for e in result["exports"].values())
-    tests = result.get("gpu_tests", {})
-    return ok and (not tests.get("ran") or bool(tests.get("passed")))
+    """No check failed and none was left out except by request (:func:`failures`)."""
+    return not failures(result)
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -176,7 +283,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
     lines = ["# GPU acceptance", "",
              f"- TensorRT {result.get('tensorrt')}; GPU {gpu.get('name', '?')}; data {result.get('data')}"
              + (f" ({result['limit']} images)" if result.get("limit") else ""),
-             f"- verdict: **{'passed' if passed(result) else 'FAILED'}**", "",
+             f"- verdict: **{'passed' if passed(result) else 'FAILED'}**"]
+    lines += [f"  - {why}" for why in failures(result)]
+    if result.get("skipped_by_request"):
+        lines.append(f"- left out by request: {', '.join(result['skipped_by_request'])}")
+    lines += ["",
              "| export | dtype | ONNX Runtime top-1 | engine top-1 | difference | within tolerance | parity |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in result["exports"].items():
@@ -189,15 +300,17 @@ def summary_markdown(result: dict[str, Any]) -> str:
                      f"{'passed' if e['parity_passed'] else 'FAILED'} |")
     tests = result.get("gpu_tests", {})
     lines += ["", f"- GPU tests: {tests.get('summary') if tests.get('ran') else tests.get('reason', 'not run')}"]
+    lines += [f"  - skipped: {why}" for why in tests.get("skip_reasons", [])]
     if result.get("latency"):
         lines += ["", "| engine | batch | p50 ms | img/s | J/img |", "| --- | --- | --- | --- | --- |"]
         for a in result["latency"]:
+            label = a.get("export", a["name"])
             for b in a["batches"]:
                 if "skipped" in b:
-                    lines.append(f"| {a['name']} | {b['batch']} | skipped: {b['skipped']} | | |")
+                    lines.append(f"| {label} | {b['batch']} | skipped: {b['skipped']} | | |")
                     continue
                 lat, energy = b.get("latency") or {}, (b.get("energy") or {}).get("joules_per_image")
-                lines.append(f"| {a['name']} | {b['batch']} | {_fmt(lat.get('p50_ms'))} | "
+                lines.append(f"| {label} | {b['batch']} | {_fmt(lat.get('p50_ms'))} | "
                              f"{_fmt(lat.get('throughput_ips'), 1)} | {_fmt(energy, 4)} |")
     return "\n".join(lines) + "\n"
 
@@ -210,7 +323,7 @@ def write_summary(result: dict[str, Any], outdir: str | Path) -> list[Path]:
     """``acceptance.json`` and ``acceptance.md`` in ``outdir``, written atomically."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {**result, "passed": passed(result)}
+    result = {**result, "passed": passed(result), "failures": failures(result)}
     atomic_write_json(out / "acceptance.json", result)
     atomic_write_text(out / "acceptance.md", summary_markdown(result))
     return [out / "acceptance.json", out / "acceptance.md"]

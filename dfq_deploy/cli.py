@@ -201,11 +201,13 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     from dfq_deploy.data import default_cifar10
 
     args.data = args.data or str(default_cifar10("dev"))
+    skip = [step for step, flag in (("gpu-tests", args.skip_gpu_tests), ("energy", args.skip_energy)) if flag]
     if args.dry_run:
-        for step in acceptance_plan(args.outdir, args.data, args.limit):
+        for step in acceptance_plan(args.outdir, args.data, args.limit, tests_dir=args.tests, skip=skip):
             print(f"{step.name}: {step.detail}")
         return 0
-    result = run_acceptance(args.outdir, args.data, args.limit, progress=not args.quiet)
+    result = run_acceptance(args.outdir, args.data, args.limit, progress=not args.quiet, tests_dir=args.tests,
+                            skip=skip)
     print((Path(args.outdir) / "acceptance.md").read_text())
     return 0 if passed(result) else 1
 
@@ -343,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("outdir")
     a.add_argument("--data", help="ImageFolder for the accuracy checks (default: the shared CIFAR-10 dev split)")
     a.add_argument("--limit", type=int, help="check accuracy on a seeded subset of this many images")
+    a.add_argument("--tests", help="the GPU tests to run (default: tests/trt of the source checkout)")
+    a.add_argument("--skip-gpu-tests", action="store_true",
+                   help="leave the GPU tests out (shown in the summary); without it, tests that cannot be found, "
+                        "collected or run fail the acceptance")
+    a.add_argument("--skip-energy", action="store_true",
+                   help="leave energy out (shown in the summary); without it, a latency without energy fails")
     a.add_argument("--dry-run", action="store_true", help="print the steps and stop")
     a.set_defaults(func=cmd_acceptance)
 
