@@ -51,8 +51,8 @@ there); the hard stage (student reweighting) changes nothing measurable over 5 s
 lowered accuracy in a 2-seed probe, so neither is on by default.
 
 Several processes (``torchrun``): the global and detail stages have no term that couples images, so the
-sharded result is bitwise the one-process result (with ``batch_size`` set so that the shards are whole
-micro-batches). The hard stage couples them twice, and both go through a collective: the disagreement
+sharded result is bitwise the one-process result (the shards are whole passes, by default and with
+``batch_size`` set). The hard stage couples them twice, and both go through a collective: the disagreement
 weights are normalised over all images (each rank all-gathers the full-precision and student logits of every
 image and computes the one-process weights), and the built-in student's activation ranges are fitted on all
 images (each rank all-gathers the images; every rank then holds the same ranges). Its result equals the

@@ -10,11 +10,12 @@ result.
   is ``cuda:LOCAL_RANK``), gloo on the CPU. The group is destroyed at exit. Without those variables nothing is
   initialised and synthesis runs in this process, as it always did. A group the caller initialised is used
   as it is.
-* **Sharding** (:func:`shard_bounds`): with ``batch_size`` set, the shards are made of whole micro-batches of
-  the one-process run, so every forward/backward pass sees the same images as there and the result is
-  bitwise the same on the CPU; when there are fewer micro-batches than ranks, or with ``batch_size=None`` (all
-  images in one pass), the images are split evenly and a rank's passes are smaller than the one-process pass,
-  which changes only the floating-point summation order of the model's matrix products.
+* **Sharding** (:func:`shard_bounds`): the shards are made of whole passes of the one-process run (a pass holds
+  ``batch_size`` images, by default a fixed number, :data:`~dfq_deploy.synth.options.DEFAULT_PASS_IMAGES`), so
+  every forward/backward pass sees the same images as there and the result is bitwise the same on the CPU; when
+  there are fewer passes than ranks, or with ``batch_size=0`` (all of a process's images in one pass), the
+  images are split evenly and a rank's passes are smaller than the one-process pass, which changes only the
+  floating-point summation order of the model's matrix products.
 * **What is shared**: the loss history (every rank's per-micro-batch loss values, all-gathered and summed in
   the one-process order), the final images and targets (all-gathered), and per method what
   :meth:`~dfq_deploy.synth.method.SynthMethod.step_context` computes over all images (DFQ-ViT's hard stage).

@@ -30,11 +30,11 @@ does everything else, once:
 * **Failure**: a NaN or inf loss term stops the run with a :class:`DfqError` naming the term; the last good
   checkpoint is left untouched.
 
-Losses are means over images, so ``batch_size`` (micro-batching, to bound memory) only changes the floating
-point summation order, not the objective. Per-image results do depend, in their last bits, on the size of
-the pass they are in (the model's matrix products sum in another order), which is why several processes
-shard whole micro-batches of the one-process run when ``batch_size`` allows
-(:func:`~dfq_deploy.synth.distributed.shard_bounds`).
+Losses are means over images, so ``batch_size`` (micro-batching) only changes the floating point summation
+order, not the objective. Per-image results do depend, in their last bits, on the size of the pass they are in
+(the model's matrix products sum in another order), which is why the default pass holds a fixed number of images
+(:data:`~dfq_deploy.synth.options.DEFAULT_PASS_IMAGES`, not "all of a process's images") and several processes
+shard whole passes of the one-process run (:func:`~dfq_deploy.synth.distributed.shard_bounds`).
 """
 
 
@@ -87,7 +87,9 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the images a synthesizer makes for given options change (benchmark caches key on it). It started at
 #: the package version it was split from.
-SYNTH_REVISION = "0.2.0"  # 0.2.0: random draws keyed by image (the same images on any number of processes)
+# 0.2.0: random draws keyed by image (the same images on any number of processes); 0.3.0: passes of a fixed size
+# by default (options.DEFAULT_PASS_IMAGES), so several processes make the one-process images bit for bit.
+SYNTH_REVISION = "0.3.0"
 
 
 @dataclass
@@ -231,7 +233,8 @@ def _optimise(
                     "give every rank the same --model, --checkpoint and --seed (the weights' hashes differ)")
     comm.check_same("the synthesis settings", f"{name}:{opts.to_json()}:{jsonable_cfg(m.data_cfg)}",
                     "give every rank the same method, options, --num-samples and --seed")
-    start_idx, stop_idx = shard_bounds(n, comm.world_size, opts.batch_size)[comm.rank]
+    pass_images = opts.pass_images(m.device.type)  # not of the world size: the same passes on any number of ranks
+    start_idx, stop_idx = shard_bounds(n, comm.world_size, pass_images)[comm.rank]
     m.shard = shard = Shard(start_idx, stop_idx, n, comm)
     n_local = len(shard)
     history: list[dict[str, Any]] = []
@@ -319,7 +322,7 @@ def _optimise(
 
     it = start
     ran = 0
-    chunk = opts.batch_size  # images per forward/backward pass (None: all); halved on CUDA out-of-memory
+    chunk = pass_images  # images per forward/backward pass (None: all); halved on CUDA out-of-memory
     peak_memory_reset(device)
     t_start = time.perf_counter()
     bar = tqdm(total=total, initial=start, disable=not (progress and main), desc=f"synth {name}", unit="it",

@@ -24,7 +24,7 @@ Implementation notes (compared with the authors' public code, which was read, no
 
 Several processes (``torchrun``): no term couples images. The token-pair subsets are drawn once per step from
 the step's shared generator, identical on every rank, so the sharded result is bitwise the one-process result
-(with ``batch_size`` set so that the shards are whole micro-batches).
+(the shards are whole passes, by default and with ``batch_size`` set).
 """
 
 from __future__ import annotations

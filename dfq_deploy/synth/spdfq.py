@@ -43,8 +43,8 @@ step optimises the same objective, and the attention prior is mirrored when the 
 
 Several processes (``torchrun``): no term couples images. Every random quantity of an image (semantics,
 targets, priors, and each step's crop boxes, crop flips and semantic picks) comes from that image's own
-generators, so the sharded result is bitwise the one-process result (with ``batch_size`` set so that the
-shards are whole micro-batches). Revision 2 draws them per image; revision 1 drew each step's crops for all
+generators, so the sharded result is bitwise the one-process result (the shards are whole passes, by default
+and with ``batch_size`` set). Revision 2 draws them per image; revision 1 drew each step's crops for all
 images from one generator.
 """
 

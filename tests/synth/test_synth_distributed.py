@@ -2,8 +2,9 @@
 
 One 2-process job (``torch.multiprocessing.spawn``) runs every distributed case and saves what it got; the
 tests compare that with one-process runs made here, with one thread each (the matrix products of a pass then
-sum in the same order in both). Bitwise where no term couples images and the shards are whole micro-batches
-(``batch_size`` set); within 1e-4 otherwise (DFQ-ViT's hard stage, ``batch_size=None``). Plus one real
+sum in the same order in both). Bitwise where no term couples images and the shards are whole passes (with
+``batch_size`` set, and by default: passes of a fixed size); within 1e-4 otherwise (DFQ-ViT's hard stage,
+``batch_size=0``: all of a rank's images in one pass). Plus one real
 ``torchrun`` launch of the CLI.
 """
 
@@ -37,9 +38,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "uneven": ("spdfq", {"num_samples": 3, "iterations": 3, "seed": 2, "batch_size": 1}),  # shards of 1 and 2
     "hard": ("dfqvit", {"num_samples": 4, "iterations": 6, "seed": 1, "batch_size": 2, "global_frac": 0.2,
                         "hard_frac": 0.5, "hard_student": "W4A4", "student_refresh": 2}),
-    "one_pass": ("psaq", {"num_samples": 4, "iterations": 4, "seed": 1}),  # batch_size None: 2 vs 4 a pass
+    "one_pass": ("psaq", {"num_samples": 4, "iterations": 4, "seed": 1, "batch_size": 0}),  # 2 vs 4 a pass
+    "default": ("psaq", {"num_samples": 16, "iterations": 3, "seed": 1}),  # default passes of 8 (CPU): 1 a rank
 }
-BITWISE = ("psaq", "spdfq", "dfqvit", "uneven")
+BITWISE = ("psaq", "spdfq", "dfqvit", "uneven", "default")
 RESUME = ("psaq", {"num_samples": 4, "iterations": 6, "seed": 3, "batch_size": 2})
 #: The same run for synthesize_to_dir (whose num_samples, iters and seed override the options).
 TO_DIR = {"num_samples": 4, "iters": 6, "seed": 3, "options": {"batch_size": 2}}
