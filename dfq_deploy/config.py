@@ -78,9 +78,10 @@ class QuantConfig(JsonConfig):
         attn_log2: quantize the softmax output with a log2 quantizer (simulation only).
         io_bits: bits of the patch embedding and the classifier head, weights (per channel) and inputs, as in the
             papers' tables; None keeps both in float (simulation only when set).
-        head_w_bits: bits of the classifier head's weights (per output channel, weight-only), or None to keep
-            the head in float. Weight-only presets store it as INT8: for a 1000-class head that is most of what
-            stays in float.
+        head_w_bits: bits of the classifier head's weights (per output channel, weight-only, simulation only),
+            or None to keep the head in float. The deployable weight-only presets keep it in float (FP16 in the
+            graph): TensorRT documents weight-only quantization only for INT4 blocked weights, and an INT8
+            weight-only Gemm is refused by the linter (rule ``weight-only-int8``).
         version: config schema version.
     """
 
@@ -145,8 +146,10 @@ class QuantConfig(JsonConfig):
         """True when TensorRT (and ONNX Runtime) can run this preset as real integer kernels."""
         if self.attn_log2 or self.a_grid != "symmetric" or self.io_bits is not None:
             return False
-        if self.a_bits is None:  # weight-only: INT8 per-channel or 2..4 bits in an INT4 container
-            return self.w_bits is None or self.w_bits == 8 or self.w_bits <= 4
+        if self.a_bits is None:  # weight-only: 2..4 bits in a blocked INT4 container, the one form TensorRT
+            # documents for weight-only quantization (an INT8 weight-only matmul is not: lint's weight-only-int8)
+            return self.w_bits is None or (self.w_bits <= 4 and self.w_granularity == "blockwise"
+                                           and self.head_w_bits is None)
         return self.a_bits == 8 and self.w_bits == 8
 
     @property
@@ -159,7 +162,7 @@ class QuantConfig(JsonConfig):
 
 
 def _wonly(name: str, bits: int) -> QuantConfig:
-    return QuantConfig(name=name, w_bits=bits, w_granularity="blockwise", a_bits=None, head_w_bits=8)
+    return QuantConfig(name=name, w_bits=bits, w_granularity="blockwise", a_bits=None)  # the head stays float
 
 
 def _sim(name: str, w: int, a: int) -> QuantConfig:

@@ -18,7 +18,11 @@ Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised i
   output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``: TensorRT's fused INT8
   attention needs Q/DQ before the first batched matmul, after the softmax and after the second batched matmul
   (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
-* ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops).
+* ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops);
+* ``weight-only-int8``: a MatMul/Gemm whose weight is dequantized from INT8 while its activation input is not
+  dequantized. TensorRT documents weight-only quantization for INT4 blocked weights only (developer guide,
+  "Working with Quantized Types": weight-only quantization (WoQ) with INT4 block quantization); an INT8 weight
+  needs its activation quantized too (explicit INT8 Q/DQ on both inputs), or the layer stays in float.
 
 Run it as ``dfq-deploy lint model.onnx``; every export runs it and fails on a violation of a rule other than the
 advisory ones (:data:`ADVISORY_RULES`), which it logs.
@@ -171,7 +175,37 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
         out.append(Violation("opset", "model", f"INT4 / blocked quantization needs opset >= 21, model has {opset}"))
     if half_scale and opset < 19:
         out.append(Violation("opset", half_scale, f"FP16/BF16 Q/DQ scales need opset >= 19, model has {opset}"))
-    return out + _mha_violations(graph, consts)
+    return out + _mha_violations(graph, consts) + _weight_only_int8_violations(graph, consts)
+
+
+#: Ops a tensor passes through unchanged in value between a DequantizeLinear and the MatMul that uses it.
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def _dequantized_from(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The DequantizeLinear ``name`` comes from through value-preserving ops, or None."""
+    node = producers.get(name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producers.get(node.input[0])
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _weight_only_int8_violations(graph: onnx.GraphProto, consts: dict[str, TensorProto]) -> list[Violation]:
+    producers = {o: n for n in graph.node for o in n.output}
+    out = []
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dqs = [_dequantized_from(x, producers) for x in node.input[:2]]
+        int8_weight = [dq is not None and dq.input[0] in consts and consts[dq.input[0]].data_type == TensorProto.INT8
+                       for dq in dqs]
+        for k in (0, 1):
+            if int8_weight[k] and dqs[1 - k] is None:
+                out.append(Violation("weight-only-int8", node.name or f"{node.op_type}#{i}",
+                                     "INT8 weight with a float activation input: TensorRT documents weight-only "
+                                     "quantization for INT4 blocked weights only; quantize the input too, or keep "
+                                     "the weight in float"))
+    return out
 
 
 def _axis_violations(name: str, node: onnx.NodeProto, dims: list[int], qtype: int, scale: np.ndarray,

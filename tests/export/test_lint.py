@@ -162,3 +162,39 @@ def test_lint_cli(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert main(["lint", str(tmp_path / "junk.onnx")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_int8_weight_only_matmul_is_flagged():
+    """An INT8 weight beside a float activation (the old W*A16 head) is no pattern TensorRT documents; INT4 blocked
+    weight-only and INT8 with both inputs quantized are."""
+    model = good_graph()
+    nodes = [n for n in model.graph.node if n.name not in ("q_x", "dq_x")]
+    nodes[-1].input[0] = "x"  # MatMul(x, DQ(W_int8)): weight-only INT8
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    assert rules(model) == ["weight-only-int8"]
+    cast = helper.make_node("Transpose", ["wd"], ["wt"], name="t")  # through a value-preserving op, as a Gemm's
+    nodes[-1].input[1] = "wt"
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes[:-1], cast, nodes[-1]])
+    assert rules(model) == ["weight-only-int8"]
+    assert "weight-only-int8" not in rules(good_graph())  # both inputs dequantized
+    int4 = good_graph(TensorProto.INT4, (4, 4), block=2, scale_shape=(2, 4))
+    nodes = [n for n in int4.graph.node if n.name not in ("q_x", "dq_x")]
+    nodes[-1].input[0] = "x"
+    del int4.graph.node[:]
+    int4.graph.node.extend(nodes)
+    assert "weight-only-int8" not in rules(int4)  # INT4 blocked weight-only: documented
+
+
+def test_exported_weight_only_graphs_hold_no_int8_weight_only_matmul(tiny_model):
+    from dfq_deploy.config import PRESETS
+    from dfq_deploy.export.onnx import to_onnx
+    from dfq_deploy.quant.qmodel import quantize
+
+    old_head = PRESETS["W4A16"].with_(head_w_bits=8)  # the head as the previous revision shipped it
+    assert not old_head.deployable and PRESETS["W4A16"].deployable
+    quantize(tiny_model, old_head)
+    with pytest.raises(DfqError, match="weight-only-int8") as err:  # the head's Gemm: the export refuses it
+        to_onnx(tiny_model, dtype="fp16")
+    assert str(err.value).count("weight-only-int8") == 1

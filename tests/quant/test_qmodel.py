@@ -41,9 +41,8 @@ def test_weight_only_has_no_activation_quantizers(tiny_model):
     assert act_quantizers(tiny_model) == []
     blocks = [m for n, m in tiny_model.named_modules() if isinstance(m, QuantLinear) and n.startswith("blocks")]
     assert len(blocks) == 8 and all(m.weight_quantizer.block_size in (64, 128) for m in blocks)
-    assert isinstance(tiny_model.head, QuantLinear)  # weight-only presets keep the head as INT8 per channel
-    assert tiny_model.head.weight_quantizer.bits == 8 and tiny_model.head.weight_quantizer.block_size is None
-    assert tiny_model.head.input_quantizer is None
+    assert not isinstance(tiny_model.head, QuantLinear)  # the head stays float: TensorRT's only weight-only form
+    # is INT4 blocked, and a 10-class head is too small to be worth it (lint refuses an INT8 weight-only Gemm)
 
 
 def test_linear_scope_skips_attention(tiny_model):
