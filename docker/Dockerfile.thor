@@ -1,28 +1,41 @@
-# dfq-deploy on Jetson Thor with JetPack 7.0/7.1 (Jetson Linux r38: CUDA 13.0, Ubuntu 24.04, Python 3.12).
-# Build on the Thor (or with arm64 emulation) from the repository root:
-#   docker build -f docker/Dockerfile.thor -t dfq-deploy:thor .
+# dfq-deploy on Jetson Thor with JetPack 7.0/7.1 (Jetson Linux r38, CUDA 13), with a PyTorch that uses the GPU.
 #
-# BASE IMAGE NOT CONFIRMED BY NVIDIA (see docker/README.md, "Versions, and where they come from"). JetPack 7
-# aligns Jetson Thor with SBSA and CUDA 13's Arm unification "extends to containers", so the base is the
-# standard arm64 (SBSA) NGC TensorRT image, not an l4t-* image (no NVIDIA page found names one for r38).
-# 25.08 is the first NGC month on CUDA 13.0 (Triton 25.08 release notes and compatibility matrix), matching
-# JetPack 7.0/7.1's CUDA 13.0, and predates TensorRT 11: NVIDIA says Jetson Thor on JetPack 7.x stays on
-# TensorRT 10.x until JetPack 7.2.2 (TensorRT 10.x-to-11.x Jetson migration notes); the build checks both.
-# No NVIDIA page found says that tensorrt:25.08-py3 supports Thor: confirm the tag on the board before relying
-# on it, or pass another one with
-#   --build-arg BASE_IMAGE=nvcr.io/nvidia/tensorrt:<yy.mm>-py3
-ARG BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.08-py3
+# JetPack 7 aligns Jetson Thor with SBSA (server Arm), and CUDA 13's Arm unification "also extends to containers"
+# (NVIDIA's CUDA 13.0 for Jetson Thor blog, https://developer.nvidia.com/blog/whats-new-in-cuda-toolkit-13-0-for-jetson-thor-unified-arm-ecosystem-and-more),
+# so the base is NVIDIA's standard arm64 (SBSA) PyTorch container (-py3, not -igpu), which brings a CUDA PyTorch
+# and TensorRT 10.x. NVIDIA's "PyTorch for Jetson Platform" release notes, Table 1 (PyTorch compatibility with
+# NVIDIA containers and JetPack),
+# https://docs.nvidia.com/deeplearning/frameworks/install-pytorch-jetson-platform-release-notes/pytorch-jetson-rel.html
+# pair containers 25.08-25.11 with JetPack 7.0 and 25.12-26.03 with JetPack 7.1 (25.08: PyTorch 2.8.0a0+34c6371d24);
+# the table names no tag suffix. 25.08 is on CUDA 13.0.0 ("Triton Inference Server Release 25.08", same monthly
+# base, https://docs.nvidia.com/deeplearning/triton-inference-server/release-notes/rel-25-08.html); 25.12 and later
+# are on CUDA 13.1 ("PyTorch Release 25.12",
+# https://docs.nvidia.com/deeplearning/frameworks/pytorch-release-notes/rel-25-12.html), past JetPack 7.0/7.1's
+# CUDA 13.0. TensorRT stays 10.x on JetPack 7.0/7.1: TensorRT 11 needs JetPack 7.2.2 (TensorRT 11.4.1's Jetson
+# migration notes, https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/api/migration/tensorrt-10x-to-11x-jetson.html).
+# The TensorRT in pytorch:25.08-py3 was not confirmed from NVIDIA's notes (docker/README.md, "Versions"): the build
+# prints it and stops unless torch is a CUDA build of CUDA_MAJOR.x and TensorRT is TRT_MAJOR.x.
+#
+# Engines only run on the TensorRT that built them: build and run them in this image, not with JetPack's TensorRT.
+#
+# Build on the Thor from the repository root:
+#   docker build -f docker/Dockerfile.thor -t dfq-deploy:thor .
+#   another month: --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.08-py3
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 
-# TensorRT major version the image must have: 10 for JetPack 7.0/7.1 (r38). TensorRT 11 needs JetPack 7.2.2+.
-ARG TRT_MAJOR=10
-# CUDA major version the image must have: JetPack 7 drives CUDA 13.
+# CUDA major version the image's torch must be built for (JetPack 7: 13) and TensorRT major version (10 for
+# JetPack 7.0/7.1; TensorRT 11 needs JetPack 7.2.2 or later).
 ARG CUDA_MAJOR=13
+ARG TRT_MAJOR=10
+# NGC PyTorch images from 25.03 ship NVIDIA's pins of the packages they were built with in
+# /etc/pip/constraint.txt, applied through PIP_CONSTRAINT: "keep" honours them next to this build's own pins,
+# "drop" leaves only this build's pins (if pip reports a conflict with one of NVIDIA's pins).
+ARG NGC_PIP_CONSTRAINTS=keep
 
-# Ubuntu 24.04 marks the system Python as externally managed (PEP 668). The NGC image's TensorRT bindings live
-# in that Python, so install next to them (as docker/Dockerfile does) instead of in a venv that would not see
-# them. The image's pip stays as it is: upgrading a Debian-installed pip fails on Ubuntu 24.04.
+# Ubuntu 24.04 marks the system Python as externally managed (PEP 668); the image's torch and TensorRT live in
+# it, so install next to them (a venv would not see them).
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
@@ -31,36 +44,28 @@ WORKDIR /opt/dfq-deploy
 COPY pyproject.toml README.md ./
 COPY dfq_deploy ./dfq_deploy
 COPY examples ./examples
+COPY docker/image_check.py ./docker/image_check.py
 
-# Older NGC images ship the TensorRT Python bindings as a setup script rather than installed.
-RUN python3 -c "import tensorrt" 2>/dev/null || /opt/tensorrt/python/python_setup.sh
+# Before pip: torch is a CUDA build (torch.version.cuda set, provable without a GPU) inside dfq-deploy's torch
+# range, TensorRT is TRT_MAJOR.x. Writes image-pins/constraints.txt (the image's torch, torchvision, TensorRT,
+# NumPy, ... as installed) and image-pins/requirements.txt (cuda-python of the image's CUDA, nvidia-ml-py).
+RUN python3 docker/image_check.py base --image "${BASE_IMAGE}" \
+        --cuda-major "${CUDA_MAJOR}" --trt-major "${TRT_MAJOR}" --out image-pins
 
-# The image must match the board: TensorRT 10.x and CUDA 13.x for JetPack 7.0/7.1 (checked without a GPU).
-RUN python3 -c "import sys, tensorrt; v = tensorrt.__version__; print('${BASE_IMAGE}: TensorRT', v); \
-sys.exit(0 if v.split('.')[0] == '${TRT_MAJOR}' else f'TensorRT {v}, want ${TRT_MAJOR}.x (TRT_MAJOR)')" \
- && python3 -c "import json, os, sys; p = '/usr/local/cuda/version.json'; \
-j = json.load(open(p)) if os.path.exists(p) else {}; \
-v = j.get('cuda', {}).get('version') or os.environ.get('CUDA_VERSION', ''); print('CUDA', v or 'unknown'); \
-sys.exit(0 if not v or v.split('.')[0] == '${CUDA_MAJOR}' else f'CUDA {v}, want ${CUDA_MAJOR}.x (CUDA_MAJOR)')"
+# dfq-deploy without the [trt] extra's tensorrt (it stays the image's; PyPI's would be another build), the
+# image's packages held by the constraints.
+RUN if [ "${NGC_PIP_CONSTRAINTS}" = drop ]; then unset PIP_CONSTRAINT; fi \
+ && python3 -m pip install -c image-pins/constraints.txt -r image-pins/requirements.txt .
 
-# TensorRT comes from the image, which pip must not replace: install the package without the [trt] extra's
-# tensorrt (from PyPI it would be a different build) plus the rest of that extra, cuda-python for CUDA 13
-# (cuda.bindings shares the CUDA major version) and nvidia-ml-py (only a fallback energy source on Jetson).
-# The image's TensorRT and NumPy are pinned as constraints, so no dependency can move the NumPy the image's
-# TensorRT bindings were built against.
-RUN python3 -c "import importlib.metadata as m, sys; \
-have = {(d.metadata['Name'] or '').lower(): d.version for d in m.distributions()}; \
-sys.stdout.write(''.join(f'{n}=={have[n]}\n' for n in ('tensorrt', 'numpy') if n in have))" \
-    > /opt/dfq-deploy/image-pins.txt \
- && cat /opt/dfq-deploy/image-pins.txt \
- && python3 -m pip install -c /opt/dfq-deploy/image-pins.txt . "cuda-python>=13,<14" "nvidia-ml-py>=12"
-
-# Smoke test (no GPU at build time: imports only, nothing touches CUDA): TensorRT, cuda-python and dfq-deploy
-# load together, then the CLI starts.
-RUN python3 -c "import importlib.metadata as m, tensorrt, cuda.bindings, dfq_deploy; \
-print('TensorRT', tensorrt.__version__, '| cuda-bindings', m.version('cuda-bindings'))" \
- && dfq-deploy --help > /dev/null
+# Smoke test (no GPU at build time, nothing touches CUDA): the pinned packages are unchanged, torch is still a
+# CUDA build, tensorrt, cuda.bindings and dfq_deploy import together, then the CLI starts.
+RUN python3 docker/image_check.py final --cuda-major "${CUDA_MAJOR}" --trt-major "${TRT_MAJOR}" --out image-pins \
+ && dfq-deploy --help > /dev/null \
+ && { test -x /opt/nvidia/nvidia_entrypoint.sh \
+      || { echo "no /opt/nvidia/nvidia_entrypoint.sh in ${BASE_IMAGE}" >&2; exit 1; }; }
 
 WORKDIR /work
-ENTRYPOINT ["dfq-deploy"]
+# NVIDIA's entrypoint (banner, driver checks, the image's CUDA setup) runs first, as in the base image, then
+# dfq-deploy with the arguments given to docker run.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "dfq-deploy"]
 CMD ["--help"]
