@@ -30,7 +30,7 @@ from dfq_deploy.device import describe_device, resolve_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.evaluate import evaluate_onnx
 from dfq_deploy.export.lint import lint_onnx
-from dfq_deploy.export.onnx import save_onnx, to_onnx
+from dfq_deploy.export.onnx import fp32_nodes, save_onnx, to_onnx
 from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import ModelSpec, class_names, create_model, data_config, require_checkpoint_file
 from dfq_deploy.quant.correct import plot_block_errors
@@ -253,7 +253,7 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
 
     t = time.perf_counter()
     logger.info("export: %s ONNX graph, linted ...", opts.dtype.upper())
-    proto = to_onnx(model, data_cfg=dcfg, dtype=opts.dtype)
+    proto = to_onnx(model, data_cfg=dcfg, dtype=opts.dtype, calib=calib.images)
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -282,6 +282,7 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
             "correction": correction,
             "parity": parity,
             "lint": [str(v) for v in lint_onnx(proto)],
+            "fp32_nodes": fp32_nodes(proto),  # an FP16 graph's FP32 islands and why (None: FP32 graph)
             "size_bytes": onnx_path.stat().st_size,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "versions": _versions(),

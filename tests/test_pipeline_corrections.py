@@ -32,6 +32,7 @@ def test_export_with_every_stage(tmp_path):
     assert corr["mode"] == "bias" and corr["reparam"] and corr["reconstruct"] and corr["plot"] == "correction.png"
     assert list(corr["stages"]) == ["quantized", "reconstructed", "corrected"]
     assert len(corr["blocks"]) == 2
+    assert report["dtype"] == "fp16" and report["fp32_nodes"] == {}  # checked on the calibration images: all FP16
     for b in corr["blocks"]:
         assert {"nmse_before", "nmse_after", "cos_before", "cos_after", "mse_before", "mse_after"} <= set(b)
         assert b["nmse_before"] > 0 and 0.5 < b["cos_after"] <= 1.0

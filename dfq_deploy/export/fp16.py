@@ -8,16 +8,20 @@ are, and keeps the graph's input and output FP32 with one ``Cast`` each, so apps
 
 The converter is onnxconverter-common's ``convert_float_to_float16`` (ONNX's own converter package, a few
 pure-Python dependencies): it converts initializers, ``Constant`` nodes, ``Cast`` targets and value infos, and
-only touches float tensors, which is exactly the QDQ rule. Model Optimizer's ``modelopt.onnx.autocast`` does the
-same job but brings nvidia-modelopt and its GPU-oriented dependencies into a CPU export. Two things are done
-around the converter: values beyond FP16's range raise (the converter would clip them silently), and the one
-``Cast`` per consumer it puts on the input is merged into one.
+only touches float tensors, which is exactly the QDQ rule. Nodes whose values are too large for FP16 stay FP32
+(``keep_fp32``, chosen from the calibration images by :func:`~dfq_deploy.export.islands.fp32_islands`, as NVIDIA's
+AutoCast chooses them: it keeps a node in FP32 when its inputs or outputs exceed ``data_max``, 512 by default);
+the converter puts a ``Cast`` on each side of such a node. AutoCast itself (``modelopt.onnx.autocast``) would bring
+nvidia-modelopt and its GPU-oriented dependencies into a CPU export. Two more things are done around the
+converter: values beyond FP16's range raise (the converter would clip them silently), and the one ``Cast`` per
+consumer it puts on the input is merged into one.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -38,13 +42,18 @@ ELEM_TYPES = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}
 
 
 def graph_dtype(proto: onnx.ModelProto) -> str:
-    """``"fp16"`` when ``proto`` computes in FP16 (its float initializers are FP16), else ``"fp32"``."""
-    types = {t.data_type for t in proto.graph.initializer} & set(ELEM_TYPES.values())
-    return "fp16" if types == {TensorProto.FLOAT16} else "fp32"
+    """``"fp16"`` when ``proto`` computes in FP16 (it has FP16 initializers; FP32 ones only in its FP32 islands),
+    else ``"fp32"``."""
+    types = {t.data_type for t in proto.graph.initializer}
+    return "fp16" if TensorProto.FLOAT16 in types else "fp32"
 
 
-def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(proto: onnx.ModelProto, keep_fp32: Collection[str] = ()) -> onnx.ModelProto:
     """An FP16-typed copy of the FP32 graph ``proto`` with FP32 input and output (see the module docstring).
+
+    Args:
+        proto: the FP32 export.
+        keep_fp32: names of nodes that stay FP32 (islands, with a ``Cast`` on each side).
 
     Raises:
         DfqError: onnxconverter-common is missing, or a float constant does not fit in FP16.
@@ -56,16 +65,47 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
                        "(or export --dtype fp32)") from exc
     if graph_dtype(proto) == "fp16":
         raise DfqError("the graph is already FP16: convert the FP32 export")
-    _check_range(proto)
+    islands = set(keep_fp32)
+    if islands:
+        proto = _unshare_island_constants(proto, islands)
+    _check_range(proto, islands)
     with warnings.catch_warnings():  # one warning per weight below FP16_TINY, which becomes FP16_TINY
         warnings.simplefilter("ignore", UserWarning)
         out = float16.convert_float_to_float16(proto, min_positive_val=FP16_TINY, max_finite_val=FP16_MAX,
-                                               keep_io_types=True, op_block_list=[])
+                                               keep_io_types=True, op_block_list=[],
+                                               node_block_list=sorted(islands))
     _merge_input_casts(out)
-    left = float_tensors(out)
+    left = float_tensors(out, islands)
     if left:
         raise DfqError(f"FP16 conversion left {len(left)} FP32 tensor(s) inside the graph (first: {left[0]})")
     _log_subnormal_scales(out)
+    return out
+
+
+def _unshare_island_constants(proto: onnx.ModelProto, islands: set[str]) -> onnx.ModelProto:
+    """A copy in which an island node has its own copy of every initializer it shares with an FP16 node.
+
+    The exporter merges equal constants (e.g. LayerNorm weights that are all ones), and the converter keeps a
+    shared initializer FP32 when one of its users stays FP32, which would hand the FP16 users an FP32 weight.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {t.name: t for t in out.graph.initializer}
+    users: dict[str, set[bool]] = {}
+    for n in out.graph.node:
+        for t in n.input:
+            users.setdefault(t, set()).add(n.name in islands)
+    shared = {t for t, kinds in users.items() if t in inits and kinds == {True, False}}
+    for n in out.graph.node:
+        if n.name not in islands:
+            continue
+        for i, t in enumerate(n.input):
+            if t in shared:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[t])
+                copy.name = f"{t}_fp32_{n.name}"
+                out.graph.initializer.append(copy)
+                n.input[i] = copy.name
     return out
 
 
@@ -82,11 +122,12 @@ def _log_subnormal_scales(proto: onnx.ModelProto) -> None:
                        sorted(small)[0])
 
 
-def _check_range(proto: onnx.ModelProto) -> None:
+def _check_range(proto: onnx.ModelProto, islands: set[str]) -> None:
     from dfq_deploy.export.lint import constants
 
+    in_islands = {t for n in proto.graph.node if n.name in islands for t in n.input}
     for t in constants(proto.graph).values():
-        if t.data_type != TensorProto.FLOAT:
+        if t.data_type != TensorProto.FLOAT or t.name in in_islands:
             continue
         arr = numpy_helper.to_array(t)
         if arr.size and float(np.abs(arr).max()) > FP16_MAX:
@@ -115,12 +156,15 @@ def _merge_input_casts(proto: onnx.ModelProto) -> None:
         graph.value_info.extend(kept_vi)
 
 
-def float_tensors(proto: onnx.ModelProto) -> list[str]:
-    """Names of FP32 tensors inside ``proto``, its input and output aside (empty: it computes in FP16 throughout).
+def float_tensors(proto: onnx.ModelProto, islands: Collection[str] = ()) -> list[str]:
+    """Names of FP32 tensors inside ``proto``, its input and output and the tensors of the FP32 ``islands`` (node
+    names) aside (empty: it computes in FP16 everywhere else).
     """
     graph = onnx.shape_inference.infer_shapes(proto).graph
-    io = {v.name for v in list(graph.input) + list(graph.output)}
-    names = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT]
+    skip = {v.name for v in list(graph.input) + list(graph.output)}
+    skip |= {t for n in graph.node if n.name in islands for t in [*n.input, *n.output]}
+    used = {t for n in graph.node for t in [*n.input, *n.output]}  # stale value infos aside
+    names = [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and t.name not in skip]
     names += [v.name for v in graph.value_info
-              if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in io]
+              if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in skip and v.name in used]
     return names

@@ -50,6 +50,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: ONNX metadata key holding the timm data config (input size, mean, std, ...).
 DATA_CONFIG_KEY = "dfq_deploy.data_config"
+#: ONNX metadata key of an FP16 graph's FP32 islands (JSON: node name -> reason; null when no images were checked).
+FP32_NODES_KEY = "dfq_deploy.fp32_nodes"
 #: ONNX metadata key holding the model's class names in label order (JSON list), when the model has them.
 CLASS_NAMES_KEY = "dfq_deploy.class_names"
 
@@ -263,7 +265,7 @@ def _scalar(q: ActQuantizer, name: str) -> float:
 
 
 def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
-            data_cfg: dict | None = None, dtype: str = "fp16") -> onnx.ModelProto:
+            data_cfg: dict | None = None, dtype: str = "fp16", calib: torch.Tensor | None = None) -> onnx.ModelProto:
     """The deployable QDQ ONNX of a (fake-)quantized model, checked by ``onnx.checker`` and the linter.
 
     Args:
@@ -273,6 +275,9 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
             :func:`dfq_deploy.models.data_config` of ``model``.
         dtype: the graph's compute type, ``"fp16"`` (what TensorRT should build) or ``"fp32"``; input and
             output are FP32 either way.
+        calib: images (model space) whose magnitudes choose the FP16 graph's FP32 islands
+            (:func:`~dfq_deploy.export.islands.fp32_islands`, listed in the metadata under
+            :data:`FP32_NODES_KEY`); None: every node FP16, with a warning that nothing was checked.
     """
     from dfq_deploy.config import GRAPH_DTYPES
     from dfq_deploy.export.fp16 import to_fp16
@@ -288,7 +293,17 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         insert_qdq(proto, model)
     if dtype == "fp16":
-        proto = to_fp16(proto)
+        islands: dict[str, str] = {}
+        if calib is not None:
+            from dfq_deploy.export.islands import fp32_islands
+
+            islands = fp32_islands(proto, calib)
+        else:
+            logger.warning("FP16 graph without calibration images: no node was checked for values beyond FP16 "
+                           "(pass calib= to keep such nodes in FP32)")
+        proto = to_fp16(proto, keep_fp32=islands)
+        meta = proto.metadata_props.add()
+        meta.key, meta.value = FP32_NODES_KEY, json.dumps(islands if calib is not None else None)
     meta = proto.metadata_props.add()
     meta.key, meta.value = DATA_CONFIG_KEY, json.dumps(data_cfg)
     names = class_names(model)
@@ -310,3 +325,9 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
     atomic_write_bytes(path, proto.SerializeToString())
     logger.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
     return path
+
+
+def fp32_nodes(proto: onnx.ModelProto) -> dict[str, str] | None:
+    """The FP32 islands recorded in an FP16 graph (node name -> reason), or None (FP32 graph, or not checked)."""
+    value = next((p.value for p in proto.metadata_props if p.key == FP32_NODES_KEY), None)
+    return None if value is None else json.loads(value)

@@ -226,6 +226,7 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
     """
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    graph_scales = {t.name: t.data_type for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producers = {o: n for n in graph.node for o in n.output}
     for n in graph.node:
@@ -258,9 +259,12 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
         problems.append(f"activation Q/DQ pairs: the model quantizes {n_model}, the graph holds {n_graph} "
                         f"({missing} of the model's scales missing, {extra} not in the model)")
 
-    # weights: model fake-quant weights [out, in] vs dequantized graph weights in the layout their consumer reads
+    # weights: model fake-quant weights [out, in] vs dequantized graph weights in the layout their consumer reads;
+    # a weight read by an FP32 island of an FP16 graph keeps its FP32 scale there (export.islands)
     model_w = [(name, _dequantized_weight(lin, sdtype)) for name, lin in quant_linears(model)
                if lin.weight_quantizer is not None and lin.weight_quantizer.enabled]
+    exact_w = {name: _dequantized_weight(lin, np.float32) for name, lin in quant_linears(model)
+               if lin.weight_quantizer is not None and lin.weight_quantizer.enabled}
     unmatched = list(model_w)
     n_wdq = 0
     for dq in graph.node:
@@ -268,13 +272,18 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
             continue
         n_wdq += 1
         deq = _dequantize(dq, inits)
-        users = consumers.get(dq.output[0], [])
+        out = dq.output[0]
+        users = consumers.get(out, [])
+        while len(users) == 1 and users[0].op_type == "Cast":  # into an FP32 island (export.islands)
+            out = users[0].output[0]
+            users = consumers.get(out, [])
         if deq is None or len(users) != 1 or users[0].op_type not in ("MatMul", "Gemm"):
             problems.append(f"{dq.name}: weight DequantizeLinear is not read by exactly one MatMul/Gemm")
             continue
-        w = _as_out_in(deq, users[0], dq.output[0])
-        hit = next((k for k, (_, ref) in enumerate(unmatched)
-                    if ref.shape == w.shape and np.allclose(w, ref, rtol=1e-6, atol=1e-8 * np.abs(ref).max())), None)
+        w = _as_out_in(deq, users[0], out)
+        fp32_scale = graph_scales[dq.input[1]] == onnx.TensorProto.FLOAT
+        hit = next((k for k, (name, ref) in enumerate(unmatched)
+                    if _same_weight(w, exact_w[name] if fp32_scale else ref)), None)
         if hit is None:
             problems.append(f"{dq.name}: dequantizes to a weight that no quantized layer of the model has")
         else:
@@ -323,6 +332,10 @@ def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray 
     if scale.shape != (ints.shape[axis],):
         return None
     return ints * (scale[None, :] if axis == 1 else scale[:, None])
+
+
+def _same_weight(w: np.ndarray, ref: np.ndarray) -> bool:
+    return ref.shape == w.shape and np.allclose(w, ref, rtol=1e-6, atol=1e-8 * np.abs(ref).max())
 
 
 def _as_out_in(w: np.ndarray, user: onnx.NodeProto, name: str) -> np.ndarray:

@@ -48,3 +48,67 @@ def test_values_beyond_fp16_range_raise_instead_of_clipping():
 def test_fp16_graph_is_not_converted_twice(float_graph):
     with pytest.raises(DfqError, match="already FP16"):
         to_fp16(to_fp16(float_graph))
+
+
+def _scaled_block_model(factor: float):
+    """The tiny DeiT with block 0's MLP output scaled up: the residual stream after it reaches thousands, beyond
+    what FP16 LayerNorms and adds should see (the case NVIDIA's AutoCast keeps in FP32)."""
+    import torch
+
+    from dfq_deploy.models import ModelSpec, create_model
+    from tests.conftest import TINY_KWARGS
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("deit_t", kwargs=dict(TINY_KWARGS), random_weights=True))
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight.mul_(factor)
+        model.blocks[0].mlp.fc2.bias.mul_(factor)
+    return model
+
+
+def test_large_activations_get_fp32_islands_and_parity_holds():
+    import torch
+
+    from dfq_deploy.config import W8A8
+    from dfq_deploy.export.islands import FP32_ABOVE, tensor_magnitudes
+    from dfq_deploy.export.onnx import export_float_onnx, fp32_nodes, to_onnx
+    from dfq_deploy.export.ort import ort_session
+    from dfq_deploy.export.parity import measure_parity, parity_probes
+    from dfq_deploy.quant.qmodel import batches_loop, quantize
+
+    model = _scaled_block_model(20000.0)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    peak = tensor_magnitudes(export_float_onnx(model, (3, 32, 32)), calib)
+    assert max(peak.values()) > 4 * FP32_ABOVE  # the scaled block really produces large values
+    quantize(model, W8A8, batches_loop(calib))
+    proto = to_onnx(model, dtype="fp16", calib=calib)
+    islands = fp32_nodes(proto)
+    assert islands and any("LayerNorm" in r for r in islands.values()) and any("Add" in r for r in islands.values())
+    assert all(float(r.split("reaches ")[1].split(" ")[0]) > FP32_ABOVE for r in islands.values())
+    kept = {n.name for n in proto.graph.node} & set(islands)
+    assert kept == set(islands)  # the island nodes are in the graph, computing in FP32 between Casts
+    assert float_tensors(proto, islands) == [] and float_tensors(proto)  # FP32 only inside the islands
+    par = measure_parity(model, proto, {"calibration": calib, "held_back": parity_probes(calib, 32, 0)})
+    assert par["passed"], {k: par[k] for k in ("calibration", "held_back", "structure")}
+    # without the islands the same graph is typed FP16 throughout: ORT runs it, and parity or not, the report
+    # says nothing was kept; with them the top-1 of the FP16 graph equals the FP32 graph's on these inputs
+    fp32 = ort_session(to_onnx(model, dtype="fp32"), optimize=False)
+    fp16 = ort_session(proto, optimize=False)
+    x = calib.numpy()
+    name = fp16.get_inputs()[0].name
+    assert (fp16.run(None, {name: x})[0].argmax(-1) == fp32.run(None, {name: x})[0].argmax(-1)).mean() >= 0.9
+
+
+def test_the_bundled_model_is_fp16_throughout():
+    import torch
+
+    from dfq_deploy.export.islands import FP32_ABOVE, fp32_islands, tensor_magnitudes
+    from dfq_deploy.models import ModelSpec, create_model
+
+    model = create_model(ModelSpec())
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    proto = export_float_onnx(model, (3, 32, 32))
+    assert fp32_islands(proto, calib) == {}
+    peak = tensor_magnitudes(proto, calib)
+    ln_inputs = [peak[n.input[0]] for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert ln_inputs and max(ln_inputs) < FP32_ABOVE / 4  # about 40 on noise: far from the limit
