@@ -177,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(
         args.artifacts, runtime=args.runtime, batches=_int_list(args.batch, "--batch"), warmup=args.warmup,
         iters=args.iters, seconds=args.seconds, threads=args.threads, progress=not args.quiet,
-        power_sampler=auto_sampler(tegrastats_log=args.tegrastats_log),
+        power_sampler=auto_sampler(tegrastats_log=args.tegrastats_log), cuda_graphs=not args.no_cuda_graphs,
     )
     written = write_reports(result, args.output, accuracy_from=args.accuracy_from or ())
     print((Path(args.output) / "bench.md").read_text())
@@ -214,14 +214,18 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from dfq_deploy.trt import build_engine, plan_build
+    from dfq_deploy.trt.commands import nvidia_commands
 
     plan = plan_build(args.onnx, args.precision, workspace_mb=args.workspace, batch=args.batch,
                       timing_cache=args.timing_cache, calibrator=args.calibrator, calib_from=args.calib_from,
-                      output=args.output)
+                      output=args.output, range_profile=not args.no_range_profile)
+    commands = nvidia_commands(plan)
     if args.dry_run:
-        print(plan.to_json())
+        print(plan.to_json())  # stdout stays the plan's JSON; NVIDIA's equivalents go to stderr
+        print(f"# the same build with trtexec:\n{commands['trtexec']}", file=sys.stderr)
+        print(f"# TensorRT vs ONNX Runtime with polygraphy:\n{commands['polygraphy']}", file=sys.stderr)
         return 0
-    print(f"wrote {build_engine(plan)}")
+    print(f"wrote {build_engine(plan)} (trtexec and polygraphy equivalents in its .json)")
     return 0
 
 
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--iters", type=int, help="timed runs per artifact and batch (default 100)")
     budget.add_argument("--seconds", type=float, help="timed seconds per artifact and batch")
     b.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    b.add_argument("--no-cuda-graphs", action="store_true",
+                   help="time TensorRT engines without CUDA graphs (default: with, so small batches measure the "
+                        "engine rather than kernel launches; recorded in bench.json)")
     b.add_argument("--tegrastats-log", help="a tegrastats log recorded during the run (Jetson fallback)")
     b.add_argument("--accuracy-from", nargs="+", help="export report.json files, for accuracy-vs-latency plots")
     b.add_argument("--output", required=True, help="folder for bench.json / .csv / .md and plots")
@@ -330,13 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "one (--bits 32), strongly typed without precision flags; best: what the graph holds (with "
                         "--calibrator: implicit INT8, weakly typed)")
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MB, help="workspace memory pool in MB")
-    t.add_argument("--batch", help="optimisation profile MIN,OPT,MAX (default 1,8,32 for a dynamic batch)")
+    t.add_argument("--batch", help="batch sizes, one optimisation profile each with kernels tuned for exactly that "
+                                   "batch, e.g. 1,8,32 (the default for a dynamic batch)")
+    t.add_argument("--no-range-profile", action="store_true",
+                   help="leave out the last profile over MIN..MAX of --batch (then only the listed sizes run)")
     t.add_argument("--timing-cache", help="timing cache file, read and updated")
     t.add_argument("--calibrator", choices=CALIBRATORS,
                    help="implicit INT8 calibration of an FP32 float export (--bits 32); TensorRT 10.x only")
     t.add_argument("--calib-from", help="a dfq-deploy synth output folder with images.safetensors")
     t.add_argument("--output", help="engine path (default <onnx stem>.engine)")
-    t.add_argument("--dry-run", action="store_true", help="print the build plan as JSON and stop")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the build plan as JSON (stdout) and its trtexec and polygraphy lines (stderr), and stop")
     t.set_defaults(func=cmd_build)
 
     a = sub.add_parser(

@@ -192,6 +192,13 @@ class Runner:
     def after_run(self) -> None:
         """Collect per-run extras (TensorRT timings)."""
 
+    def begin_timed(self) -> None:
+        """Called once per batch size between the warm-up and the timed runs."""
+
+    def batch_info(self) -> dict[str, Any]:
+        """What the runtime did for the batch size just timed (TensorRT: profile, CUDA graph replays)."""
+        return {}
+
     def extras(self) -> dict[str, list[float]]:
         """Per-run extra series collected since the last :meth:`prepare` (seconds)."""
         return {}
@@ -323,23 +330,30 @@ class OrtRunner(Runner):
 class TRTRunner(Runner):
     """A serialized TensorRT engine through :class:`dfq_deploy.trt.engine.TRTEngine`.
 
-    Uses ``TRTEngine(path, keep_timings=False)``, its ``input_shape`` (``-1`` for dynamic dimensions),
-    ``input_dtype`` and ``batch_range`` (the optimisation profile's ``(min, opt, max)`` batch), ``infer(x)``
-    (one batch including the host/device copies: the host-side latency), and after each call ``timings``:
-    the last call's phases in milliseconds (``h2d_ms``, ``compute_ms``, ``d2h_ms``; keys ending in ``_s``
-    are read as seconds). ``compute`` is the GPU compute time apart from the copies.
+    Uses ``TRTEngine(path, keep_timings=False, cuda_graphs=...)``, its ``input_shape`` (``-1`` for dynamic
+    dimensions), ``input_dtype``, ``profiles`` and ``profile_for(batch)`` (each batch runs on the optimisation
+    profile tuned for it; engines without them: ``batch_range``), ``infer(x)`` (one batch including the
+    host/device copies: the host-side latency), ``graph_calls``, and after each call ``timings``: the last call's
+    phases in milliseconds (``h2d_ms``, ``compute_ms``, ``d2h_ms``; keys ending in ``_s`` are read as seconds).
+    ``compute`` is the GPU compute time apart from the copies.
+
+    CUDA graphs are on by default: the engine replays a graph once a batch shape repeats (after the warm-up), so
+    batch-1 latency measures the engine rather than the launch of each kernel; ``cuda_graphs=False`` (``bench
+    --no-cuda-graphs``) times plain enqueues. Each timed batch records its profile and how many timed runs
+    replayed a graph (``trt`` in the batch's entry).
     """
 
-    def __init__(self, path: Path, name: str, seed: int = 0) -> None:
+    def __init__(self, path: Path, name: str, seed: int = 0, cuda_graphs: bool = True) -> None:
         super().__init__(path, name)
         try:
             from dfq_deploy.trt.engine import TRTEngine
         except ImportError as exc:
             raise DfqError(f"TensorRT runtime is not available ({exc}): install the trt extra "
                            "(pip install 'dfq-deploy[trt]') on a machine with an NVIDIA GPU") from exc
+        self.cuda_graphs = bool(cuda_graphs)
         try:
-            self.engine = TRTEngine(path, keep_timings=False)
-        except TypeError:  # an engine class without the keyword
+            self.engine = TRTEngine(path, keep_timings=False, cuda_graphs=self.cuda_graphs)
+        except TypeError:  # an engine class without the keywords
             self.engine = TRTEngine(path)
         shape = getattr(self.engine, "input_shape", None)
         if shape is None and getattr(self.engine, "inputs", None):
@@ -356,9 +370,15 @@ class TRTRunner(Runner):
         infer = getattr(self.engine, "infer", None)
         self._infer = infer if callable(infer) else self.engine
         self.info = {"runtime": "tensorrt", "input": {"shape": [d if d else -1 for d in self.input_shape],
-                                                      "dtype": str(self.dtype)}}
+                                                      "dtype": str(self.dtype)}, "cuda_graphs": self.cuda_graphs}
         if self.batch_range:
             self.info["batch_profile"] = list(self.batch_range)
+        profiles = getattr(self.engine, "profiles", None)
+        self.profiles = [tuple(int(b) for b in p) for p in profiles] if profiles else None
+        if self.profiles:
+            self.info["profiles"] = [list(p) for p in self.profiles]
+        self._batch = 0
+        self._graph_calls0 = 0
         for key in ("tensorrt_version", "device_name", "precision"):
             value = getattr(self.engine, key, None)
             if value is not None:
@@ -366,10 +386,19 @@ class TRTRunner(Runner):
 
     def check(self, batch: int) -> str | None:
         reason = super().check(batch)
-        if reason is None and self.batch_range and not self.batch_range[0] <= batch <= self.batch_range[2]:
+        if reason is not None:
+            return reason
+        if self.profiles:
+            from dfq_deploy.trt.profiles import choose_profile
+
+            try:
+                choose_profile(self.profiles, batch)
+            except DfqError as exc:
+                return f"{self.name}: {exc}"
+        elif self.batch_range and not self.batch_range[0] <= batch <= self.batch_range[2]:
             lo, _, hi = self.batch_range
-            reason = f"{self.name}'s optimisation profile covers batch {lo}..{hi}"
-        return reason
+            return f"{self.name}'s optimisation profile covers batch {lo}..{hi}"
+        return None
 
     def prepare(self, batch: int) -> None:
         shape, reason = _batch_shape(self.input_shape, batch, self.name)
@@ -377,9 +406,26 @@ class TRTRunner(Runner):
             raise DfqError(f"cannot run batch {batch}: {reason}")
         self._x = self._rng.standard_normal(shape, dtype=np.float32).astype(self.dtype, copy=False)
         self._extras = {}
+        self._batch = batch
 
     def run(self) -> Any:
         return self._infer(self._x)
+
+    def begin_timed(self) -> None:
+        self._graph_calls0 = int(getattr(self.engine, "graph_calls", 0) or 0)
+
+    def batch_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"cuda_graphs": self.cuda_graphs,
+                                "graph_replays": int(getattr(self.engine, "graph_calls", 0) or 0) - self._graph_calls0}
+        if self.profiles:
+            from dfq_deploy.trt.profiles import choose_profile
+
+            index = choose_profile(self.profiles, self._batch)
+            info.update(profile=index, profile_batch=list(self.profiles[index]))
+        errors = getattr(self.engine, "graph_errors", None)
+        if errors:
+            info["graph_errors"] = list(errors)
+        return info
 
     def after_run(self) -> None:
         timings = getattr(self.engine, "timings", None)
@@ -466,6 +512,7 @@ def run_benchmark(
     power_sampler: Any = None,
     rounds: int = 5,
     seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Benchmark artifacts interleaved, per batch size, against the first one.
 
@@ -482,6 +529,8 @@ def run_benchmark(
         power_sampler: a :class:`dfq_deploy.bench.power.PowerSampler` (or ``None``: energy not measured).
         rounds: interleaving rounds: each artifact's budget is split into this many segments.
         seed: seed of the random inputs.
+        cuda_graphs: TensorRT engines replay CUDA graphs (:class:`TRTRunner`); recorded in ``config`` and in each
+            TensorRT batch entry's ``trt`` (with the profile and the timed runs that replayed a graph).
 
     Returns:
         ``schema``, ``runtime``, ``config``, ``artifacts`` (each with ``name``, ``path``, ``baseline``,
@@ -511,9 +560,11 @@ def run_benchmark(
     try:
         for p, n in zip(paths, names, strict=True):
             logger.info("loading %s", p)
-            runners.append(OrtRunner(p, n, threads, seed) if runtime == "ort" else TRTRunner(p, n, seed))
-        return _run(runners, runtime, batches, warmup, iters, seconds, threads, progress, power_sampler,
-                    rounds, seed)
+            runners.append(OrtRunner(p, n, threads, seed) if runtime == "ort" else TRTRunner(p, n, seed, cuda_graphs))
+        result = _run(runners, runtime, batches, warmup, iters, seconds, threads, progress, power_sampler,
+                      rounds, seed)
+        result["config"]["cuda_graphs"] = cuda_graphs if runtime == "trt" else None
+        return result
     finally:
         for r in runners:
             r.close()
@@ -557,6 +608,7 @@ def _run(runners: list[Runner], runtime: str, batches: list[int], warmup: int, i
                 bar.set_postfix_str(f"warm-up {r.name} b={b}")
                 for _ in range(warmup):
                     r.run()
+                r.begin_timed()
             for rnd in range(rounds):
                 for i in active:
                     r = runners[i]
@@ -576,6 +628,9 @@ def _run(runners: list[Runner], runtime: str, batches: list[int], warmup: int, i
                                          "samples_s": samples[i], "segments": segments[i]}
                 if extras[i]:
                     entry["gpu_timings"] = {k: summarize(v, b) for k, v in extras[i].items()}
+                runtime_info = runners[i].batch_info()
+                if runtime_info:
+                    entry[runtime] = runtime_info  # "trt": profile, CUDA graph replays
                 results[i].append(entry)
     finally:
         if sampler is not None:

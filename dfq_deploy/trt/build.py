@@ -1,8 +1,10 @@
 """Running the TensorRT builder for an :class:`~dfq_deploy.trt.plan.EnginePlan` (TensorRT >= 10.0 and a GPU).
 
 Shared logger -> Builder -> network (strongly typed unless the plan calibrates) -> OnnxParser -> BuilderConfig
-(workspace, DETAILED profiling verbosity, optimisation profile, timing cache; flags and calibrator on the implicit
-INT8 route only) -> serialised engine, written atomically with a ``<engine>.json`` description beside it.
+(workspace, DETAILED profiling verbosity, one optimisation profile per batch size plus the range, timing cache;
+flags and calibrator on the implicit INT8 route only) -> serialised engine, written atomically with a
+``<engine>.json`` description beside it: every profile, and the same build as ``trtexec`` and ``polygraphy`` lines
+(:mod:`dfq_deploy.trt.commands`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from dfq_deploy.trt.calibrator import (
     read_cache,
     write_cache,
 )
+from dfq_deploy.trt.commands import nvidia_commands, shell_line, trtexec_command
 from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
 from dfq_deploy.trt.plan import EnginePlan, engine_metadata_path, qdq_route_message
 from dfq_deploy.trt.planner import check_trt_version
+from dfq_deploy.trt.profiles import describe_profiles
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -59,7 +63,12 @@ def format_parser_error(err: Any) -> str:
 
 def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], build_seconds: float,
                     onnx_sha256: str | None = None) -> dict[str, Any]:
-    """The description written beside an engine (``model.engine.json``)."""
+    """The description written beside an engine (``model.engine.json``).
+
+    ``profiles`` lists every optimisation profile by index (as :class:`~dfq_deploy.trt.engine.TRTEngine` selects
+    them); ``trtexec``, ``trtexec_time`` and ``polygraphy`` give the same build, its timing and a comparison with
+    ONNX Runtime in NVIDIA's tools (:func:`~dfq_deploy.trt.commands.nvidia_commands`).
+    """
     import dfq_deploy
 
     return {
@@ -73,7 +82,9 @@ def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], bui
         "strongly_typed": plan.strongly_typed,
         "builder_flags": list(plan.builder_flags),
         "profiling_verbosity": PROFILING_VERBOSITY,
-        "profile": plan.profile.to_dict(),
+        "profiles": [{"index": i, **p.to_dict()} for i, p in enumerate(plan.profiles)],
+        "batch_sizes": list(plan.batch_sizes),
+        **nvidia_commands(plan),
         "build_seconds": round(float(build_seconds), 3),
         "onnx_sha256": onnx_sha256,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -110,8 +121,8 @@ def _parse(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logging.
         more = f" (+{len(errors) - 1} more, see the log)" if len(errors) > 1 else ""
         raise DfqError(f"TensorRT {version} could not parse {onnx_path}: {first}{more}")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if plan.profile.input_name not in names:
-        raise DfqError(f"the network has inputs {names}, the plan profiles '{plan.profile.input_name}': "
+    if plan.input_name not in names:
+        raise DfqError(f"the network has inputs {names}, the plan profiles '{plan.input_name}': "
                        "plan the build again")
     return network, parser
 
@@ -131,10 +142,16 @@ def _configure(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logg
         if member is None:
             raise DfqError(qdq_route_message(version))
         config.set_flag(member)
-    prof = builder.create_optimization_profile()
-    _set_shape(prof, plan.profile.input_name, plan.profile.min, plan.profile.opt, plan.profile.max)
-    if config.add_optimization_profile(prof) < 0:
-        raise DfqError(f"TensorRT rejected the optimisation profile {plan.profile.to_dict()}: plan the build again")
+    # One profile per batch size (min = opt = max) and the range last. add_optimization_profile returns the
+    # profile's index, -1 when it is invalid (IBuilderConfig, 10.3 and 11.1 bindings and docstrings); the engine
+    # numbers its profiles in this order, which TRTEngine reads back with get_tensor_profile_shape(name, index).
+    for i, p in enumerate(plan.profiles):
+        prof = builder.create_optimization_profile()
+        _set_shape(prof, p.input_name, p.min, p.opt, p.max)
+        index = config.add_optimization_profile(prof)
+        if index != i:
+            raise DfqError(f"TensorRT rejected optimisation profile {i} {p.to_dict()} (got index {index}): plan "
+                           "the build again")
 
     timing_cache = None
     if plan.timing_cache:
@@ -177,9 +194,9 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
 
     Steps: check TensorRT version and GPU -> Builder (the shared :func:`~dfq_deploy.trt.env.trt_logger`) ->
     network (strongly typed unless the plan calibrates) -> parse the ONNX (every parser error logged with its
-    node) -> BuilderConfig (workspace, DETAILED profiling verbosity, profile, timing cache; flags and calibrator
-    on the implicit INT8 route) -> ``build_serialized_network`` -> engine written atomically, timing cache
-    saved, ``<engine>.json``.
+    node) -> BuilderConfig (workspace, DETAILED profiling verbosity, the plan's profiles in order, timing cache;
+    flags and calibrator on the implicit INT8 route) -> ``build_serialized_network`` -> engine written
+    atomically, timing cache saved, ``<engine>.json``.
 
     Args:
         plan: from :func:`plan_build`.
@@ -212,19 +229,21 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     try:
         if plan.calibrator is not None:
             cs = plan.calibrator
-            images = load_calib_images(cs.calib_from, plan.profile.min[1:])
+            images = load_calib_images(cs.calib_from, plan.image_shape)
             batcher = CalibrationBatcher(images, cs.batch_size)
             calib = make_int8_calibrator(batcher, cs.cache_file)
             config.int8_calibrator = calib  # TensorRT 10.x only (deprecated in 10.1, removed in 11)
             cprof = builder.create_optimization_profile()
             cshape = batcher.shape
-            _set_shape(cprof, plan.profile.input_name, cshape, cshape, cshape)
+            _set_shape(cprof, plan.input_name, cshape, cshape, cshape)
             config.set_calibration_profile(cprof)
             log.info("implicit INT8 calibration on %d x %d images from %s", batcher.num_batches,
                      batcher.batch_size, cs.calib_from)
 
-        log.info("building %s engine (%s graph, workspace %d MB, batch %s); this can take minutes",
-                 plan.precision, plan.graph_dtype.upper(), plan.workspace_mb, plan.profile.batch)
+        log.info("building %s engine (%s graph, workspace %d MB, %d profiles: %s); this can take minutes",
+                 plan.precision, plan.graph_dtype.upper(), plan.workspace_mb, len(plan.profiles),
+                 describe_profiles(plan.batch_table))
+        log.info("the same build with trtexec: %s", shell_line(trtexec_command(plan)))
         t0 = time.perf_counter()
         try:
             serialized = builder.build_serialized_network(network, config)

@@ -3,15 +3,21 @@
 TensorRT's rule for threads: "The TensorRT runtime can be used by multiple threads simultaneously, so long as
 each object uses a different execution context" (Developer Guide, "Thread Safety"), and each context should
 have a CUDA stream of its own. Every context of an engine starts on optimization profile 0
-(``createExecutionContext``, NvInferRuntime.h), and since TensorRT 10.0 contexts may share a profile: the
-preview feature ``kPROFILE_SHARING_0806`` "allows optimization profiles to be shared across execution contexts"
-and is always on (NvInfer.h, release/10.3; gone in 11, where sharing is the behaviour), although the
-``IExecutionContext`` class comment still asks for one profile per concurrent context.
+(``createExecutionContext``, NvInferRuntime.h); whether contexts may share a profile (yes since TensorRT 10.0)
+is set out in :mod:`dfq_deploy.trt.pool`.
 
-A slot is the unit of one call: an ``IExecutionContext``, its (non-blocking) stream, its timing events, its
-pinned host and device buffers for the largest shape of the profile, and at most one CUDA graph.
-:class:`~dfq_deploy.trt.engine.TRTEngine` keeps a pool of slots and lends one to each call, so concurrent
-callers never share one.
+A slot is the unit of one call: an ``IExecutionContext`` on one optimisation profile, its (non-blocking) stream,
+its timing events, its pinned host and device buffers for the largest shape of any profile, and at most one CUDA
+graph. It starts on the profile it was made for and switches with :meth:`ExecSlot.use_profile`:
+``set_optimization_profile_async(profile_index, stream_handle)`` (``IExecutionContext``, TensorRT 10.3 and 11.1
+Python bindings; it raises RuntimeError when the index is out of range) "must be called before calling
+setInputShape()", may enqueue copies on the stream it is given ("the application's responsibility to guarantee
+that synchronization between the profile sync stream and the enqueue stream occurs": the slot passes its own
+stream, so the copies run before its next enqueue), and triggers "layer resource updates on the next call of
+executeV2()/enqueueV3()". So after a switch the slot sets shapes and addresses again, drops its CUDA graph, and
+runs the next call plainly (the updates happen there, never inside a capture).
+:class:`~dfq_deploy.trt.engine.TRTEngine` keeps a :class:`~dfq_deploy.trt.pool.SlotPool`, which lends one slot
+to each call, on the call's profile, so concurrent callers never share one.
 
 CUDA graphs (TensorRT 11.0 "Optimizing TensorRT Performance", CUDA Graphs;
 https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/performance/optimization.html): ``execute_async_v3`` may
@@ -41,6 +47,7 @@ from dfq_deploy.trt.timing import InferTiming
 logger = logging.getLogger(__name__)
 
 Shapes = tuple[tuple[int, ...], ...]
+ProfileShapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,27 @@ class TensorInfo:
         is_input: input (True) or output.
         dtype: NumPy dtype.
         shape: engine shape (``-1`` for dynamic dimensions).
-        profile: ``(min, opt, max)`` shapes for inputs, None for outputs.
+        profiles: ``(min, opt, max)`` shapes per optimisation profile index for inputs, empty for outputs.
     """
 
     name: str
     is_input: bool
     dtype: np.dtype
     shape: tuple[int, ...]
-    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+    profiles: tuple[ProfileShapes, ...] = ()
+
+    @property
+    def profile(self) -> ProfileShapes | None:
+        """Over all profiles: ``(smallest min, opt of the widest profile, largest max)``; None for outputs.
+
+        With one profile this is that profile; its max is what the slot's buffers hold.
+        """
+        if not self.profiles:
+            return None
+        lo = tuple(min(p[0][d] for p in self.profiles) for d in range(len(self.profiles[0][0])))
+        hi = tuple(max(p[2][d] for p in self.profiles) for d in range(len(self.profiles[0][2])))
+        widest = max(self.profiles, key=lambda p: int(np.prod(p[2])) - int(np.prod(p[0])))
+        return lo, widest[1], hi
 
 
 class ExecSlot:
@@ -73,11 +93,14 @@ class ExecSlot:
         outputs: the engine's outputs.
         cuda: the CUDA backend.
         label: how to name the engine in messages.
+        profile: the optimisation profile to start on.
     """
 
     def __init__(self, engine: Any, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo],
-                 cuda: CudaPython | PyCuda, label: str) -> None:
+                 cuda: CudaPython | PyCuda, label: str, profile: int = 0) -> None:
         self.inputs, self.outputs, self.cuda, self.label = list(inputs), list(outputs), cuda, label
+        self.profile = 0  # "The newly created execution context will be assigned optimization profile 0"
+        self._capacity: dict[str, int] = {}
         self._device: dict[str, int] = {}
         self._host: dict[str, np.ndarray] = {}
         self._events: list[Any] = []
@@ -91,26 +114,52 @@ class ExecSlot:
         if self.context is None:
             raise CudaError(f"could not create an execution context for {label} (out of GPU memory?)")
         try:
+            self._stream = cuda.stream_create()
+            self._events = [cuda.event_create() for _ in range(4)]
             self._allocate()
+            self.use_profile(profile)
         except BaseException:
             self.close()
             raise
 
     def _allocate(self) -> None:
+        """Buffers for the largest shapes of any profile: outputs measured on the profile with the largest inputs."""
         cuda, ctx = self.cuda, self.context
+        largest = max(range(len(self.inputs[0].profiles)),
+                      key=lambda i: sum(int(np.prod(t.profiles[i][2])) for t in self.inputs))
+        self.use_profile(largest)
         for t in self.inputs:
-            assert t.profile is not None
-            if not ctx.set_input_shape(t.name, t.profile[2]):
-                raise DfqError(f"TensorRT rejected the profile's max shape {t.profile[2]} for '{t.name}'")
+            if not ctx.set_input_shape(t.name, t.profiles[largest][2]):
+                raise DfqError(f"TensorRT rejected profile {largest}'s max shape {t.profiles[largest][2]} for "
+                               f"'{t.name}'")
         for t in self.inputs + self.outputs:
             max_shape = t.profile[2] if t.is_input and t.profile else ctx.get_tensor_shape(t.name)
             shape = tuple(int(d) for d in max_shape)
             if any(d < 0 for d in shape):
                 raise DfqError(f"output '{t.name}' has a data-dependent shape {shape}: not supported")
+            self._capacity[t.name] = int(np.prod(shape))
             self._device[t.name] = cuda.malloc(int(np.prod(shape)) * t.dtype.itemsize)
             self._host[t.name] = cuda.host_empty(shape, t.dtype)
-        self._stream = cuda.stream_create()
-        self._events = [cuda.event_create() for _ in range(4)]
+
+    def use_profile(self, index: int) -> None:
+        """Run the next calls on optimisation profile ``index`` (nothing to do when the slot is on it already).
+
+        Raises:
+            DfqError: TensorRT refused the switch (the slot stays on its profile).
+        """
+        if index == self.profile:
+            return
+        try:  # the binding raises RuntimeError ("Error in set optimization profile async.") where C++ says false
+            ok = self.context.set_optimization_profile_async(int(index), self.cuda.stream_handle(self._stream))
+        except RuntimeError as exc:
+            ok, why = False, str(exc)
+        else:
+            why = "it returned False"
+        if not ok:
+            raise DfqError(f"TensorRT could not switch {self.label} to optimisation profile {index} ({why})")
+        self.profile = int(index)
+        self._drop_graph()  # captured under the other profile
+        self._state = None  # shapes and addresses are set again before the next call, which runs plainly
 
     def close(self) -> None:
         """Free the graph, buffers, events and stream, and release the context (safe to call twice).
@@ -200,6 +249,10 @@ class ExecSlot:
             for t in self.inputs + self.outputs:
                 ctx.set_tensor_address(t.name, self._device[t.name])
         out_shapes = {t.name: tuple(int(d) for d in ctx.get_tensor_shape(t.name)) for t in self.outputs}
+        for name, shape in out_shapes.items():
+            if int(np.prod(shape)) > self._capacity[name]:
+                raise DfqError(f"output '{name}' of {self.label} has shape {list(shape)}, larger than its buffer: "
+                               "an engine whose largest outputs are not at its largest inputs is not supported")
         cuda.event_record(ev[0], stream)
         for name, host in staged.items():
             cuda.htod_async(self._device[name], host, stream)
@@ -251,90 +304,3 @@ class ExecSlot:
         return InferTiming(int(key[0][0]) if key and key[0] else 1, cuda.elapsed_ms(ev[0], ev[1]),
                            cuda.elapsed_ms(ev[1], ev[2]), cuda.elapsed_ms(ev[2], ev[3]),
                            1000 * (time.perf_counter() - t0))
-
-
-class SlotPool:
-    """Lends one slot to each concurrent caller: a free one, a new one, or (at ``max_slots``) the next freed.
-
-    Slots are made by ``factory`` on demand, so a single-threaded app holds one context and a server with
-    N worker threads holds N. When making one more fails (out of GPU memory on a small board) while others
-    exist, the pool stops growing and the caller waits for a free slot instead. Works on any objects with a
-    ``close()``.
-
-    Args:
-        factory: makes a new slot (called under the pool's lock, one at a time).
-        max_slots: most slots at once (None: one per concurrent caller).
-    """
-
-    def __init__(self, factory: Any, max_slots: int | None = None) -> None:
-        if max_slots is not None and max_slots < 1:
-            raise DfqError(f"max_contexts {max_slots}: must be at least 1 (or None for one per thread)")
-        import threading
-
-        self._factory, self.max_slots = factory, max_slots
-        self._free: list[Any] = []
-        self._all: list[Any] = []
-        self._cond = threading.Condition()
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        """Slots made so far."""
-        return len(self._all)
-
-    @property
-    def slots(self) -> list[Any]:
-        return list(self._all)
-
-    def acquire(self) -> Any:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise DfqError("the engine was closed: open it again to run it")
-                if self._free:
-                    return self._free.pop()
-                if self.max_slots is None or len(self._all) < self.max_slots:
-                    try:
-                        slot = self._factory()
-                    except DfqError as exc:
-                        if not self._all:
-                            raise
-                        self.max_slots = len(self._all)
-                        logger.warning("could not make execution context %d (%s): staying at %d, callers wait",
-                                       len(self._all) + 1, exc, len(self._all))
-                        continue
-                    self._all.append(slot)
-                    return slot
-                self._cond.wait()
-
-    def release(self, slot: Any) -> None:
-        with self._cond:
-            if self._closed:  # the pool closed while this call ran: the slot is closed now that it is back
-                slot.close()
-                self._all = [s for s in self._all if s is not slot]
-                self._cond.notify_all()
-                return
-            self._free.append(slot)
-            self._cond.notify()
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Close every slot: the free ones now, the borrowed ones as their calls return (up to ``timeout``)."""
-        import time
-
-        with self._cond:
-            self._closed = True
-            free, self._free = self._free, []
-            self._all = [s for s in self._all if s not in free]
-            self._cond.notify_all()
-        for slot in free:
-            slot.close()
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._all and time.monotonic() < deadline:
-                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
-            left, self._all = self._all, []
-        if left:
-            logger.warning("%d execution context(s) still in use after %.0f s: closing them anyway", len(left),
-                           timeout)
-            for slot in left:
-                slot.close()

@@ -2,10 +2,12 @@
 
 :class:`TRTEngine` deserialises an engine once per process and serves it to any number of threads: each
 concurrent call borrows an execution context of its own with its own CUDA stream, events and pinned buffers
-(:class:`~dfq_deploy.trt.context.ExecSlot`, from a :class:`~dfq_deploy.trt.context.SlotPool`), which is
-TensorRT's rule for threads. With ``cuda_graphs=True`` a context replays a CUDA graph of the engine for batches
-of a repeated shape. Before deserialising, the engine's build record is checked against this TensorRT and GPU
-(:mod:`dfq_deploy.trt.compat`), so a foreign engine is refused with one line instead of a TensorRT error.
+(:class:`~dfq_deploy.trt.context.ExecSlot`, from a :class:`~dfq_deploy.trt.pool.SlotPool`), which is
+TensorRT's rule for threads. Each call runs on the optimisation profile tuned for its batch
+(:func:`~dfq_deploy.trt.profiles.choose_profile`), on a context already on that profile where one is free. With
+``cuda_graphs=True`` a context replays a CUDA graph of the engine for batches of a repeated shape. Before
+deserialising, the engine's build record is checked against this TensorRT and GPU (:mod:`dfq_deploy.trt.compat`),
+so a foreign engine is refused with one line instead of a TensorRT error.
 
 Every call records CUDA events around the host-to-device copy, the engine and the device-to-host copy, so
 benchmarks can separate GPU compute time from copy time (:attr:`TRTEngine.timings` for the calling thread's last
@@ -28,20 +30,18 @@ import numpy as np
 
 from dfq_deploy.errors import DfqError
 from dfq_deploy.trt.compat import check_engine_compat
-from dfq_deploy.trt.context import ExecSlot, SlotPool, TensorInfo
+from dfq_deploy.trt.context import ExecSlot, TensorInfo
 from dfq_deploy.trt.cuda import CudaPython, PyCuda, cuda_backend
 from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
+from dfq_deploy.trt.feed import check_feed, profile_table, torch_dtype
 from dfq_deploy.trt.plan import engine_metadata_path
-from dfq_deploy.trt.timing import InferTiming, check_input_shape
+from dfq_deploy.trt.pool import SlotPool
+from dfq_deploy.trt.profiles import BatchProfile, batch_envelope, choose_profile, describe_profiles
+from dfq_deploy.trt.timing import InferTiming
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TRTEngine", "TensorInfo"]
-
-
-def _is_torch_cuda(x: Any) -> bool:
-    mod = type(x).__module__
-    return mod.startswith("torch") and hasattr(x, "data_ptr") and getattr(x, "is_cuda", False)
 
 
 class TRTEngine:
@@ -59,13 +59,20 @@ class TRTEngine:
             results = list(pool.map(eng.infer, batches))
 
     NumPy inputs are staged through pinned host memory and copied to the device; torch CUDA tensors are used
-    in place (their ``data_ptr``) and the outputs are returned as torch CUDA tensors, without copies. The batch
-    may vary within the engine's optimisation profile.
+    in place (their ``data_ptr``) and the outputs are returned as torch CUDA tensors, without copies.
+
+    Profiles: ``dfq-deploy build --batch 1,8,32`` makes one optimisation profile per batch size (``min = opt =
+    max``) and a ``1..32`` range last. Each call runs on the profile whose opt batch is the call's batch, else on the
+    narrowest one containing it (:attr:`profiles`, :meth:`profile_for`); a batch no profile contains is refused in
+    one line. Engines built with one profile run every batch on it.
 
     Threads: :meth:`infer` may be called from any number of threads at once. Each concurrent call borrows an
-    execution context (with its own stream and buffers) from a pool that grows to the number of threads
-    calling at once, or to ``max_contexts``; a context holds its own activation memory, so ``max_contexts``
-    bounds GPU memory on small boards (and when one more context does not fit, callers wait for a free one).
+    execution context (with its own stream and buffers) from a pool (:mod:`dfq_deploy.trt.pool`): a free
+    context already on the call's profile, else a new one (up to the number of threads calling at once or of
+    profiles, whichever is larger, and ``max_contexts``), else a free one switched to the profile. A context
+    holds its own activation memory, so ``max_contexts`` bounds GPU memory on small boards (and when one more
+    context does not fit, callers switch or wait). Contexts share profiles (TensorRT >= 10.0);
+    ``share_profiles=False`` lets one call at a time use a profile.
     Open and close the engine from one thread; :meth:`close` waits for calls still running, and a closed
     engine refuses further calls until :meth:`open` is called again. The cuda-python backend is needed for
     more than one thread. Each call makes the engine's GPU current in its thread and restores the thread's
@@ -91,6 +98,8 @@ class TRTEngine:
         check_build: refuse an engine whose build record names another TensorRT version or GPU.
         max_timings: most entries :attr:`timing_history` keeps (the newest; None: all), so a server's history
             stays bounded.
+        share_profiles: let concurrent calls run on one profile in several contexts (TensorRT >= 10.0 allows
+            it, :mod:`dfq_deploy.trt.pool`); False: one call per profile at a time.
 
     Raises (when opened):
         DfqError: missing file, no GPU, an engine built by another TensorRT version or for another GPU, or one
@@ -100,13 +109,14 @@ class TRTEngine:
 
     def __init__(self, path: str | Path, backend: str | None = None, keep_timings: bool = True,
                  cuda_graphs: bool = False, max_contexts: int | None = None, check_build: bool = True,
-                 max_timings: int | None = 100_000) -> None:
+                 max_timings: int | None = 100_000, share_profiles: bool = True) -> None:
         self.path = Path(path)
         self.backend_name = backend
         self.keep_timings = keep_timings
         self.cuda_graphs = cuda_graphs
         self.max_contexts = max_contexts
         self.check_build = check_build
+        self.share_profiles = share_profiles
         self.timing_history: deque[InferTiming] = deque(maxlen=max_timings)  # append is thread-safe
         self.tensorrt_version: str | None = None
         self._lock = threading.Lock()
@@ -173,19 +183,25 @@ class TRTEngine:
             self.tensorrt_version = str(trt.__version__)
             self._describe(trt)
             cuda, engine = self._cuda, self._engine
-            pool = SlotPool(lambda: ExecSlot(engine, self._inputs, self._outputs, cuda, str(self.path)),
-                            self.max_contexts)
-            pool.release(pool.acquire())  # the first context now, so open() fails early when memory is short
+            pool = SlotPool(lambda profile: ExecSlot(engine, self._inputs, self._outputs, cuda, str(self.path),
+                                                     profile),
+                            self.max_contexts, num_profiles=len(self._inputs[0].profiles),
+                            share_profiles=self.share_profiles)
+            pool.release(pool.acquire(0))  # the first context now, so open() fails early when memory is short
             self._pool = pool
         except BaseException:
             self._close_locked()
             raise
-        logger.info("opened %s: inputs %s, outputs %s (%s%s)", self.path,
+        logger.info("opened %s: inputs %s, outputs %s, profiles %s (%s%s)", self.path,
                     [(t.name, t.shape) for t in self._inputs], [(t.name, t.shape) for t in self._outputs],
-                    self._cuda.name if self._cuda else "?", ", CUDA graphs" if self.cuda_graphs else "")
+                    describe_profiles(profile_table(self._inputs)), self._cuda.name if self._cuda else "?",
+                    ", CUDA graphs" if self.cuda_graphs else "")
 
     def _describe(self, trt: Any) -> None:
         eng = self._engine
+        # num_optimization_profiles: "always at least 1"; get_tensor_profile_shape(name, profile_index) -> [min,
+        # opt, max] (ICudaEngine, 10.3 and 11.1 bindings and docstrings)
+        num_profiles = int(eng.num_optimization_profiles)
         for i in range(eng.num_io_tensors):
             name = eng.get_tensor_name(i)
             is_input = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
@@ -196,11 +212,11 @@ class TRTEngine:
                 raise DfqError(f"tensor '{name}' has type {trt_dtype}, which NumPy cannot hold: export the "
                                "model with float32 inputs and outputs") from exc
             shape = tuple(int(d) for d in eng.get_tensor_shape(name))
-            profile = None
-            if is_input:
-                lo, opt, hi = eng.get_tensor_profile_shape(name, 0)
-                profile = (tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
-            info = TensorInfo(name, is_input, dtype, shape, profile)
+            profiles = []
+            for p in range(num_profiles if is_input else 0):
+                lo, opt, hi = eng.get_tensor_profile_shape(name, p)
+                profiles.append((tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi)))
+            info = TensorInfo(name, is_input, dtype, shape, tuple(profiles))
             (self._inputs if is_input else self._outputs).append(info)
         if not self._inputs or not self._outputs:
             raise DfqError(f"{self.path} has no inputs or no outputs")
@@ -249,11 +265,26 @@ class TRTEngine:
         return self.inputs[0].dtype
 
     @property
-    def batch_range(self) -> tuple[int, int, int]:
-        """``(min, opt, max)`` batch of the first input's profile."""
-        prof = self.inputs[0].profile
-        assert prof is not None
-        return prof[0][0], prof[1][0], prof[2][0]
+    def profiles(self) -> list[BatchProfile]:
+        """``(min, opt, max)`` batch of the first input per optimisation profile index."""
+        return profile_table(self.inputs)
+
+    @property
+    def batch_range(self) -> BatchProfile:
+        """``(smallest min, opt of the widest profile, largest max)`` batch over all profiles (with one profile: it).
+
+        A batch inside this range may still lack a profile when the engine was built without the range profile:
+        :meth:`profile_for` says.
+        """
+        return batch_envelope(self.profiles)
+
+    def profile_for(self, batch: int) -> int:
+        """The profile a call of ``batch`` images runs on (:func:`~dfq_deploy.trt.profiles.choose_profile`).
+
+        Raises:
+            DfqError: no profile contains ``batch``.
+        """
+        return choose_profile(self.profiles, batch)
 
     @property
     def num_contexts(self) -> int:
@@ -264,6 +295,17 @@ class TRTEngine:
     def graph_calls(self) -> int:
         """Calls served by replaying a CUDA graph, over all contexts."""
         return sum(s.graph_calls for s in self._pool.slots) if self._pool is not None else 0
+
+    @property
+    def graph_errors(self) -> list[str]:
+        """Why CUDA graph capture failed, once per distinct reason (empty when it never failed)."""
+        slots = self._pool.slots if self._pool is not None else []
+        return list(dict.fromkeys(s.graph_error for s in slots if s.graph_error))
+
+    @property
+    def profile_switches(self) -> int:
+        """Times a context was switched to another profile (0 while each profile has contexts of its own)."""
+        return self._pool.switches if self._pool is not None else 0
 
     @property
     def build_info(self) -> dict[str, Any]:
@@ -319,13 +361,13 @@ class TRTEngine:
         if pool is None or cuda is None:
             raise DfqError(f"{self.path} was closed: call open() to use it again")
         feed = dict(inputs) if isinstance(inputs, Mapping) else {self.input_name: inputs}
-        device_io = self._check_feed(feed)
+        device_io, profile = check_feed(feed, self._inputs, self._device_index)
         previous = cuda.bind_thread(self._device_index)
         try:
-            slot = pool.acquire()
+            slot = pool.acquire(profile)
             try:
                 if device_io:
-                    dtypes = {t.name: _torch_dtype(t.dtype) for t in self._outputs}
+                    dtypes = {t.name: torch_dtype(t.dtype) for t in self._outputs}
                     results, timing = slot.run_device(feed, dtypes)
                 else:
                     results, timing = slot.run_host(feed, self.cuda_graphs)
@@ -339,47 +381,6 @@ class TRTEngine:
             self.timing_history.append(timing)  # list.append is atomic
         return results[self._outputs[0].name] if len(self._outputs) == 1 else results
 
-    def _check_feed(self, feed: dict[str, Any]) -> bool:
-        """Check names, shapes and dtypes (making device inputs contiguous); True for torch CUDA inputs."""
-        expected = {t.name for t in self._inputs}
-        if set(feed) != expected:
-            raise DfqError(f"engine inputs are {sorted(expected)}, got {sorted(feed)}")
-        on_device = [_is_torch_cuda(v) for v in feed.values()]
-        if any(on_device) and not all(on_device):
-            raise DfqError("mix of torch CUDA tensors and host arrays: pass all inputs on the same side")
-        device_io = all(on_device)
-        for t in self._inputs:
-            assert t.profile is not None
-            x = feed[t.name]
-            check_input_shape(t.name, tuple(x.shape), t.profile[0], t.profile[2])
-            if device_io:
-                if x.device.index is not None and x.device.index != self._device_index:
-                    raise DfqError(f"input '{t.name}' is on {x.device}, the engine runs on cuda:{self._device_index}")
-                want = _torch_dtype(t.dtype)
-                if x.dtype != want:
-                    raise DfqError(f"input '{t.name}' is {x.dtype}, the engine expects {want}")
-                if not x.is_contiguous():
-                    logger.debug("input '%s' is not contiguous: copying", t.name)
-                    feed[t.name] = x.contiguous()
-            else:
-                arr = np.asarray(x)
-                if arr.dtype != t.dtype:
-                    raise DfqError(f"input '{t.name}' is {arr.dtype}, the engine expects {t.dtype}")
-                feed[t.name] = arr
-        return device_io
-
     def __call__(self, inputs: Any) -> Any:
         return self.infer(inputs)
-
-
-def _torch_dtype(dtype: np.dtype) -> Any:
-    import torch
-
-    table = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-             np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8,
-             np.dtype(np.uint8): torch.uint8, np.dtype(np.bool_): torch.bool}
-    try:
-        return table[np.dtype(dtype)]
-    except KeyError as exc:
-        raise DfqError(f"no torch dtype for {dtype}") from exc
 

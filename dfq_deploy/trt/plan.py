@@ -23,7 +23,6 @@ BUILDER_FLAGS = ("FP16", "INT8")
 #: Calibrators ``plan_build`` accepts (``--calibrator``).
 CALIBRATORS = ("synthetic",)
 DEFAULT_WORKSPACE_MB = 1024
-DEFAULT_BATCH = (1, 8, 32)
 DEFAULT_CALIB_BATCH = 8
 
 #: Oldest TensorRT dfq-deploy builds with, for every route. JetPack 6.1/6.2 ship 10.3; JetPack 6.0's 8.6 parses ONNX
@@ -79,6 +78,11 @@ class ShapeProfile:
     def batch(self) -> tuple[int, int, int]:
         return self.min[0], self.opt[0], self.max[0]
 
+    @property
+    def exact(self) -> bool:
+        """``min == opt == max``: kernels tuned for exactly this shape."""
+        return self.min == self.opt == self.max
+
     def to_dict(self) -> dict[str, Any]:
         return {"input_name": self.input_name, "min": list(self.min), "opt": list(self.opt),
                 "max": list(self.max)}
@@ -123,7 +127,9 @@ class EnginePlan:
         builder_flags: ``tensorrt.BuilderFlag`` member names to set: only with a calibrator, never with
             ``strongly_typed``.
         workspace_mb: builder workspace memory-pool limit in MiB.
-        profile: optimisation profile on the input.
+        profiles: optimisation profiles on the input, in profile-index order: one exact profile per batch size,
+            then (usually) the range (:func:`dfq_deploy.trt.profiles.batch_profiles`). A plan written with a
+            single ``profile`` reads as one profile.
         timing_cache: timing cache file (loaded if present, saved after the build) or None.
         calibrator: implicit-INT8 calibration settings or None.
         min_trt_version: lowest TensorRT version that can build this plan (:data:`MIN_TRT_VERSION`).
@@ -140,7 +146,7 @@ class EnginePlan:
     strongly_typed: bool
     builder_flags: tuple[str, ...]
     workspace_mb: int
-    profile: ShapeProfile
+    profiles: tuple[ShapeProfile, ...]
     timing_cache: str | None = None
     calibrator: CalibratorSettings | None = None
     min_trt_version: str = MIN_TRT_VERSION
@@ -154,6 +160,7 @@ class EnginePlan:
         object.__setattr__(self, "output", str(self.output))
         object.__setattr__(self, "builder_flags", tuple(self.builder_flags))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "profiles", tuple(self.profiles))
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", str(self.timing_cache))
         if self.precision not in PRECISIONS:
@@ -179,8 +186,7 @@ class EnginePlan:
         if int(self.workspace_mb) < 1:
             raise DfqError(f"--workspace {self.workspace_mb}: the builder workspace must be at least 1 MB")
         object.__setattr__(self, "workspace_mb", int(self.workspace_mb))
-        if not isinstance(self.profile, ShapeProfile):
-            raise DfqError("plan: profile must be a ShapeProfile")
+        self._check_profiles()
         if self.calibrator is not None:
             if self.strongly_typed or "INT8" not in self.builder_flags:
                 raise DfqError("plan: a calibrator needs a weakly typed network with the INT8 flag")
@@ -197,6 +203,36 @@ class EnginePlan:
             raise DfqError(f"plan: min_trt_version {self.min_trt_version} is below {MIN_TRT_VERSION}, the oldest "
                            "TensorRT dfq-deploy builds with: plan the build again")
 
+    def _check_profiles(self) -> None:
+        if not self.profiles or not all(isinstance(p, ShapeProfile) for p in self.profiles):
+            raise DfqError("plan: profiles must be one or more ShapeProfile")
+        first = self.profiles[0]
+        for p in self.profiles[1:]:
+            if p.input_name != first.input_name or p.min[1:] != first.min[1:]:
+                raise DfqError(f"plan: every profile must be on input '{first.input_name}' {list(first.min[1:])}, "
+                               f"got '{p.input_name}' {list(p.min[1:])}")
+        if len(set(self.profiles)) != len(self.profiles):
+            raise DfqError(f"plan: repeated profiles {[p.batch for p in self.profiles]}")
+
+    @property
+    def input_name(self) -> str:
+        return self.profiles[0].input_name
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The input shape without the batch, e.g. ``(3, 224, 224)``."""
+        return self.profiles[0].min[1:]
+
+    @property
+    def batch_table(self) -> list[tuple[int, int, int]]:
+        """``(min, opt, max)`` batch per profile index (what :func:`~dfq_deploy.trt.profiles.choose_profile` reads)."""
+        return [p.batch for p in self.profiles]
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes with a profile of their own (``min == opt == max``)."""
+        return tuple(p.opt[0] for p in self.profiles if p.exact)
+
     # JSON round trip
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,7 +242,7 @@ class EnginePlan:
             "strongly_typed": self.strongly_typed,
             "builder_flags": list(self.builder_flags),
             "workspace_mb": self.workspace_mb,
-            "profile": self.profile.to_dict(),
+            "profiles": [p.to_dict() for p in self.profiles],
             "timing_cache": self.timing_cache,
             "calibrator": self.calibrator.to_dict() if self.calibrator else None,
             "min_trt_version": self.min_trt_version,
@@ -218,20 +254,24 @@ class EnginePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnginePlan:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of :meth:`to_dict`; a plan written before per-batch profiles (one ``profile``) reads as one profile.
 
         Raises:
             DfqError: missing or unknown keys, or values that fail validation.
         """
         if not isinstance(data, dict):
             raise DfqError("engine plan must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | {"profile"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise DfqError(f"engine plan has unknown keys {unknown}")
         d = dict(data)
+        if "profile" in d:  # plans written before per-batch profiles
+            if "profiles" in d:
+                raise DfqError("engine plan has both 'profile' and 'profiles'")
+            d["profiles"] = [d.pop("profile")]
         try:
-            d["profile"] = ShapeProfile(**d["profile"])
+            d["profiles"] = tuple(ShapeProfile(**p) for p in d["profiles"])
             if d.get("calibrator") is not None:
                 d["calibrator"] = CalibratorSettings(**d["calibrator"])
             return cls(**d)

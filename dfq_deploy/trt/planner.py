@@ -46,7 +46,6 @@ from dfq_deploy.trt.calibrator import CALIB_IMAGES_FILE, check_calib_shape, insp
 from dfq_deploy.trt.env import trt_version_tuple
 from dfq_deploy.trt.plan import (
     CALIBRATORS,
-    DEFAULT_BATCH,
     DEFAULT_CALIB_BATCH,
     DEFAULT_WORKSPACE_MB,
     MAX_TRT_MAJOR_CALIBRATOR,
@@ -58,6 +57,7 @@ from dfq_deploy.trt.plan import (
     ShapeProfile,
     qdq_route_message,
 )
+from dfq_deploy.trt.profiles import DEFAULT_BATCH_SIZES, batch_profiles, parse_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -127,26 +127,6 @@ def inspect_onnx(model: onnx.ModelProto | str | Path) -> OnnxInfo:
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return OnnxInfo(inp.name, tuple(shape), _DTYPES[ttype.elem_type], graph_dtype(proto), has_qdq, has_int4, opset,
                     tuple(o.name for o in graph.output))
-
-
-def parse_batch_range(text: str | Sequence[int]) -> tuple[int, int, int]:
-    """``"1,8,32"`` (or ``"8"`` for a fixed batch) -> ``(1, 8, 32)``.
-
-    Raises:
-        DfqError: not one or three positive integers with ``min <= opt <= max``.
-    """
-    if isinstance(text, str):
-        try:
-            vals = [int(v) for v in text.replace(" ", "").split(",") if v]
-        except ValueError as exc:
-            raise DfqError(f"--batch {text!r}: expected MIN,OPT,MAX integers, e.g. 1,8,32") from exc
-    else:
-        vals = [int(v) for v in text]
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3 or any(v < 1 for v in vals) or not (vals[0] <= vals[1] <= vals[2]):
-        raise DfqError(f"--batch {text!r}: expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,8,32")
-    return vals[0], vals[1], vals[2]
 
 
 FP32_TYPED_WARNING = ("the graph is FP32-typed: TensorRT keeps FP32 between the integer layers; re-export with "
@@ -229,7 +209,8 @@ def _decide(precision: str, info: OnnxInfo, calibrated: bool) -> Decision:
     return Decision(True, (), ("FP32 float graph: strongly typed, no precision flags",))
 
 
-def _profile(info: OnnxInfo, batch: Sequence[int] | str | None) -> ShapeProfile:
+def _profiles(info: OnnxInfo, batch: Sequence[int] | str | None, range_profile: bool) -> tuple[ShapeProfile, ...]:
+    """One exact profile per batch size, then the range (:func:`~dfq_deploy.trt.profiles.batch_profiles`)."""
     rest = info.input_shape[1:]
     if any(d is None for d in rest):
         raise DfqError(f"input '{info.input_name}' has dynamic non-batch dimensions "
@@ -237,14 +218,15 @@ def _profile(info: OnnxInfo, batch: Sequence[int] | str | None) -> ShapeProfile:
                        "dynamic)")
     fixed = info.input_shape[0]
     if batch is None:
-        b = (fixed, fixed, fixed) if fixed is not None else DEFAULT_BATCH
+        sizes = (fixed,) if fixed is not None else DEFAULT_BATCH_SIZES
     else:
-        b = parse_batch_range(batch)
-        if fixed is not None and b != (fixed, fixed, fixed):
+        sizes = parse_batch_sizes(batch)
+        if fixed is not None and sizes != (fixed,):
             raise DfqError(f"the graph has a fixed batch of {fixed}: pass --batch {fixed} or re-export "
                            "with a dynamic batch")
     tail = tuple(int(d) for d in rest)  # type: ignore[arg-type]
-    return ShapeProfile(info.input_name, (b[0], *tail), (b[1], *tail), (b[2], *tail))
+    return tuple(ShapeProfile(info.input_name, (lo, *tail), (opt, *tail), (hi, *tail))
+                 for lo, opt, hi in batch_profiles(sizes, range_profile))
 
 
 def plan_build(
@@ -259,6 +241,7 @@ def plan_build(
     calib_batch_size: int = DEFAULT_CALIB_BATCH,
     calib_cache: str | Path | None = None,
     output: str | Path | None = None,
+    range_profile: bool = True,
 ) -> EnginePlan:
     """Lint and inspect an ONNX graph and decide how TensorRT must build it. Needs no TensorRT or GPU.
 
@@ -266,14 +249,17 @@ def plan_build(
         onnx_path: the ONNX graph (written by ``dfq-deploy export``).
         precision: one of :data:`PRECISIONS`.
         workspace_mb: builder workspace limit in MiB.
-        batch: ``(min, opt, max)`` batch sizes or ``"1,8,32"``; default ``(1, 8, 32)`` for a dynamic batch,
-            the fixed batch otherwise.
+        batch: batch sizes, ``(1, 8, 32)`` or ``"1,8,32"``: one profile each with ``min = opt = max``, so
+            every size runs on kernels tuned for it; default ``(1, 8, 32)`` for a dynamic batch, the fixed
+            batch otherwise.
         timing_cache: timing cache file to load (if present) and save.
         calibrator: ``"synthetic"`` for implicit INT8 calibration on a float graph, or None.
         calib_from: folder with ``images.safetensors`` (needed with ``calibrator``).
         calib_batch_size: images per calibration batch.
         calib_cache: calibration cache file; default ``<engine stem>.calib.cache`` beside the engine.
         output: engine path; default ``<onnx stem>.engine`` beside the ONNX.
+        range_profile: add a last profile over ``min..max`` of the sizes, so other batch sizes run too
+            (:mod:`dfq_deploy.trt.profiles`).
 
     Raises:
         DfqError: lint violations, an unreadable graph, or an inconsistent request (the message names the
@@ -295,14 +281,14 @@ def plan_build(
         logger.warning("TensorRT advisory: %s", v)
     info = inspect_onnx(proto)
     decision = _decide(precision, info, calibrator is not None)
-    profile = _profile(info, batch)
+    profiles = _profiles(info, batch, range_profile)
     out = Path(output) if output is not None else onnx_path.with_suffix(".engine")
 
     calib = None
     if calibrator is not None:
         assert calib_from is not None
         n, chw = inspect_calib_images(calib_from)
-        check_calib_shape(chw, profile.min[1:], Path(calib_from) / CALIB_IMAGES_FILE)
+        check_calib_shape(chw, profiles[0].min[1:], Path(calib_from) / CALIB_IMAGES_FILE)
         if calib_batch_size > n:
             raise DfqError(f"calibration batch size {calib_batch_size} is larger than the {n} saved images: "
                            f"pass a batch size <= {n}")
@@ -311,7 +297,7 @@ def plan_build(
 
     plan = EnginePlan(
         onnx=str(onnx_path), output=str(out), precision=precision, strongly_typed=decision.strongly_typed,
-        builder_flags=decision.flags, workspace_mb=workspace_mb, profile=profile,
+        builder_flags=decision.flags, workspace_mb=workspace_mb, profiles=profiles,
         timing_cache=str(timing_cache) if timing_cache is not None else None, calibrator=calib,
         min_trt_version=MIN_TRT_VERSION, max_trt_major=MAX_TRT_MAJOR_CALIBRATOR if calib else None,
         graph_quant=info.graph_quant, graph_dtype=info.graph_dtype, notes=decision.notes + decision.warnings,

@@ -14,7 +14,7 @@ from dfq_deploy.errors import DfqError
 def check_input_shape(
     name: str, shape: Sequence[int], min_shape: Sequence[int], max_shape: Sequence[int]
 ) -> None:
-    """Raise when ``shape`` is outside the engine's optimisation profile ``[min_shape, max_shape]``.
+    """Raise when ``shape`` is outside one optimisation profile ``[min_shape, max_shape]`` of the engine.
 
     Raises:
         DfqError: wrong rank, or a dimension outside the profile (the message gives the rebuild flag).
@@ -29,7 +29,7 @@ def check_input_shape(
                        "to the model's input size")
     if any(not (a <= s <= b) for s, a, b in zip(shape, lo, hi, strict=True)):
         raise DfqError(f"input '{name}' has batch {shape[0]}, outside the engine's profile {lo[0]}..{hi[0]}: "
-                       f"split the batch or rebuild with --batch MIN,OPT,MAX covering {shape[0]}")
+                       f"split the batch or rebuild with --batch covering {shape[0]}")
 
 
 @dataclass(frozen=True)

@@ -223,14 +223,16 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
         batch_range = (1, 4, 8)
         tensorrt_version = "10.fake"
 
-        def __init__(self, path, backend=None, keep_timings=True):
+        def __init__(self, path, backend=None, keep_timings=True, cuda_graphs=False):
             assert keep_timings is False  # the benchmark keeps its own series
-            self.path = path
+            self.path, self.cuda_graphs = path, cuda_graphs
             self.timings: dict[str, float] = {}
             self.calls = 0
+            self.graph_calls = 0
 
         def infer(self, x):
             self.calls += 1
+            self.graph_calls += self.cuda_graphs and self.calls > 1  # replays from the second call on
             self.timings = {"h2d_ms": 0.1, "compute_ms": 0.5 + 0.1 * (self.calls % 2), "d2h_ms": 0.05}
             return [x * 2]
 
@@ -242,10 +244,13 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(b"\0")
         engines.append(tmp_path / name)
     res = run_benchmark(engines, runtime="trt", batches=[4, 16], warmup=1, iters=4, rounds=2, progress=False)
+    assert res["config"]["cuda_graphs"] is True  # CUDA graphs by default
     for art in res["artifacts"]:
         assert art["info"]["tensorrt_version"] == "10.fake" and art["info"]["batch_profile"] == [1, 4, 8]
+        assert art["info"]["cuda_graphs"] is True
         assert art["batches"][1] == {"batch": 16, "skipped": f"{art['name']}'s optimisation profile covers batch 1..8"}
         e = art["batches"][0]
+        assert e["trt"] == {"cuda_graphs": True, "graph_replays": 4}  # every timed run, after the warm-up
         gt = e["gpu_timings"]
         assert set(gt) == {"h2d", "compute", "d2h"}
         assert gt["compute"]["n"] == 4
@@ -257,6 +262,41 @@ def test_run_benchmark_trt_uses_engine_timings(tmp_path, monkeypatch):
     rows = [r for r in table_rows(res) if not r["skipped"]]
     assert [r["gpu_compute_p50_ms"] for r in rows] == pytest.approx([0.55, 0.55])
     assert "compute 0.550" in bench_markdown(res)
+    plain = run_benchmark(engines[:1], runtime="trt", batches=[4], warmup=1, iters=3, progress=False,
+                          cuda_graphs=False)  # bench --no-cuda-graphs
+    assert plain["config"]["cuda_graphs"] is False and plain["artifacts"][0]["info"]["cuda_graphs"] is False
+    assert plain["artifacts"][0]["batches"][0]["trt"] == {"cuda_graphs": False, "graph_replays": 0}
+
+
+def test_run_benchmark_trt_runs_each_batch_on_its_profile(tmp_path, monkeypatch):
+    """An engine with per-batch profiles: the batch's profile is recorded, a batch no profile takes is skipped."""
+
+    class ProfiledEngine:
+        input_shape = (-1, 16)
+        input_dtype = np.dtype(np.float32)
+        profiles = [(1, 1, 1), (4, 4, 4), (8, 8, 8)]  # built with --batch 1,4,8 --no-range-profile
+        batch_range = (1, 4, 8)
+        graph_calls = 0
+        timings: dict[str, float] = {}
+
+        def __init__(self, path, backend=None, keep_timings=True, cuda_graphs=False):
+            pass
+
+        def infer(self, x):
+            return [x]
+
+    fake = types.ModuleType("dfq_deploy.trt.engine")
+    fake.TRTEngine = ProfiledEngine
+    monkeypatch.setitem(sys.modules, "dfq_deploy.trt.engine", fake)
+    (tmp_path / "m.engine").write_bytes(b"\0")
+    res = run_benchmark([tmp_path / "m.engine"], runtime="trt", batches=[1, 3, 8], warmup=0, iters=2,
+                        progress=False)
+    art = res["artifacts"][0]
+    assert art["info"]["profiles"] == [[1, 1, 1], [4, 4, 4], [8, 8, 8]]
+    b1, b3, b8 = art["batches"]
+    assert b1["trt"]["profile"] == 0 and b1["trt"]["profile_batch"] == [1, 1, 1]
+    assert b8["trt"]["profile"] == 2
+    assert "batch 3 is outside the engine's profiles (batch 1, batch 4, batch 8)" in b3["skipped"]
 
 
 def test_run_benchmark_trt_without_tensorrt_is_a_one_line_error(tmp_path):

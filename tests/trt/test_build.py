@@ -64,7 +64,14 @@ def test_engine_metadata(tmp_path: Path) -> None:
     assert (meta["gpu"], meta["compute_capability"]) == ("Orin", "8.7")
     assert meta["precision"] == "int8" and meta["strongly_typed"] is True and meta["builder_flags"] == []
     assert (meta["graph_dtype"], meta["graph_quant"], meta["profiling_verbosity"]) == ("fp16", "int8", "DETAILED")
-    assert meta["profile"] == plan.profile.to_dict()
+    # every profile by index, as TRTEngine selects them; NVIDIA's tools for the same build
+    assert meta["profiles"] == [{"index": i, **p.to_dict()} for i, p in enumerate(plan.profiles)]
+    assert [(p["min"][0], p["opt"][0], p["max"][0]) for p in meta["profiles"]] == [
+        (1, 1, 1), (8, 8, 8), (32, 32, 32), (1, 8, 32)]
+    assert meta["batch_sizes"] == [1, 8, 32]
+    assert meta["trtexec"].startswith("trtexec --onnx=") and "--profile=3 --minShapes=input:1x3x4x4" in meta["trtexec"]
+    assert meta["polygraphy"].startswith("polygraphy run ") and "--optimization-profile 0" in meta["polygraphy"]
+    assert set(meta["trtexec_time"]) == {"1", "8", "32"} and "--useProfile=2" in meta["trtexec_time"]["32"]
     assert meta["build_seconds"] == 12.346
     assert EnginePlan.from_dict(meta["plan"]) == plan
     json.dumps(meta)  # serialisable as is
@@ -120,6 +127,7 @@ def test_build_qdq_engine_and_compare_with_onnxruntime(tmp_path: Path) -> None:
     meta = _meta(engine_path)
     assert meta["strongly_typed"] is True and meta["builder_flags"] == [] and meta["precision"] == "int8"
     assert meta["graph_dtype"] == "fp16" and meta["compute_capability"]
+    assert len(meta["profiles"]) == 4 and meta["trtexec"].startswith("trtexec ") and meta["polygraphy"]
     assert (tmp_path / "timing.cache").stat().st_size > 0
     x = np.random.default_rng(3).normal(size=(5, *CHW)).astype(np.float32)
     ref = ort_session(onnx_path, optimize=False).run(None, {"input": x})[0]
@@ -127,7 +135,8 @@ def test_build_qdq_engine_and_compare_with_onnxruntime(tmp_path: Path) -> None:
         assert eng.batch_range == (1, 4, 8)
         out = eng.infer(x)
         out1 = eng.infer(x[:1])
-        with pytest.raises(DfqError, match="outside the engine's profile"):
+        assert eng.profiles == [(1, 1, 1), (4, 4, 4), (8, 8, 8), (1, 4, 8)]
+        with pytest.raises(DfqError, match="batch 9 is outside the engine's profiles"):
             eng.infer(np.zeros((9, *CHW), np.float32))
         assert len(eng.timing_history) == 2 and eng.timing_history[0].compute_ms > 0
         assert set(eng.timings) == {"h2d_ms", "compute_ms", "d2h_ms"}

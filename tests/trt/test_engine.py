@@ -142,9 +142,10 @@ def test_trt_engine_open_close_and_dynamic_batch(engine_path: Path) -> None:
     eng = TRTEngine(engine_path)
     assert eng.input_shape == (-1, 3, 8, 8)  # opens on first use
     assert eng.is_open and eng.batch_range == (1, 4, 8) and eng.precision == "int8"
+    assert [eng.profile_for(b) for b in (1, 8, 3)] == [0, 2, 3]  # exact profiles 1 and 8, the 1..8 range for 3
     outs = [eng.infer(np.ones((b, 3, 8, 8), np.float32)) for b in (1, 8, 3)]
     assert [o.shape for o in outs] == [(1, NUM_CLASSES), (8, NUM_CLASSES), (3, NUM_CLASSES)]
-    np.testing.assert_allclose(outs[1][:3], outs[2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs[1][:3], outs[2], rtol=1e-3, atol=1e-3)  # two profiles, maybe two kernels
     with pytest.raises(DfqError, match="float64"):
         eng.infer(np.ones((2, 3, 8, 8)))
     eng.close()
@@ -196,8 +197,9 @@ def test_cuda_graphs_replay_repeated_shapes_with_the_same_outputs(engine_path: P
         plain = [eng.infer(x[:b]) for b in (4, 4, 4, 2, 2, 4)]
     with TRTEngine(engine_path, cuda_graphs=True) as eng:
         graphed = [eng.infer(x[:b]) for b in (4, 4, 4, 2, 2, 4)]
-        # calls 2-3 (batch 4) and 5 (batch 2) replay a graph; a shape change runs plainly first
-        assert eng.graph_calls == 3, eng.graph_calls
+        # batch 4 runs on profile 1 and batch 2 on the range profile 3, each in a context of its own: calls 2-3
+        # and 6 (batch 4, its graph kept) and 5 (batch 2) replay; the first call of a shape runs plainly
+        assert eng.graph_calls == 4 and eng.profile_switches == 0, (eng.graph_calls, eng.profile_switches)
         assert eng.timings["compute_ms"] > 0
     for a, b in zip(plain, graphed, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -239,6 +241,43 @@ def test_graph_captures_in_threads_beside_default_stream_work(engine_path: Path)
     assert not errors, errors
     for out in outs:
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_each_batch_runs_on_its_profile_and_a_switched_context_agrees(engine_path: Path) -> None:
+    meta = json.loads((engine_path.parent / (engine_path.name + ".json")).read_text())
+    assert [(p["index"], p["min"][0], p["opt"][0], p["max"][0]) for p in meta["profiles"]] == [
+        (0, 1, 1, 1), (1, 4, 4, 4), (2, 8, 8, 8), (3, 1, 4, 8)]
+    x = np.random.default_rng(4).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    batches = (1, 4, 8, 3)
+    with TRTEngine(engine_path) as eng:
+        assert eng.profiles == [(1, 1, 1), (4, 4, 4), (8, 8, 8), (1, 4, 8)]  # read back from the engine
+        own = [eng.infer(x[:b]) for b in batches]
+        assert eng.num_contexts == 4 and eng.profile_switches == 0  # one context per profile, none switched
+    with TRTEngine(engine_path, max_contexts=1) as eng:
+        for _ in range(2):
+            for b, ref in zip(batches, own, strict=True):
+                np.testing.assert_allclose(eng.infer(x[:b]), ref, rtol=1e-6, atol=1e-6)
+        # one context, switched by set_optimization_profile_async at every call but the first
+        assert eng.num_contexts == 1 and eng.profile_switches == 7, eng.profile_switches
+    with pytest.raises(DfqError, match=r"batch 9 is outside the engine's profiles"), TRTEngine(engine_path) as eng:
+        eng.infer(np.zeros((9, 3, 8, 8), np.float32))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_exclusive_profiles_serve_one_call_per_profile(engine_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.random.default_rng(5).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    with TRTEngine(engine_path) as eng:
+        ref = eng.infer(x)
+    with TRTEngine(engine_path, share_profiles=False) as eng, ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(eng.infer, [x] * 12))
+        assert eng.num_contexts <= 2  # the one made at open (profile 0) and one on profile 1
+    for out in outs:
+        np.testing.assert_array_equal(out, ref)
 
 
 @pytest.mark.gpu

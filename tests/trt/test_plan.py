@@ -16,9 +16,9 @@ from dfq_deploy.trt.planner import (
     _decide,
     check_trt_version,
     inspect_onnx,
-    parse_batch_range,
     plan_build,
 )
+from dfq_deploy.trt.profiles import parse_batch_sizes
 from tests.trt.graphs import CHW, make_model, save_calib, save_model, vit_graph
 
 
@@ -31,12 +31,18 @@ def test_plan_for_fp16_int8_qdq_graph_is_strongly_typed_without_flags(tmp_path: 
     assert plan.builder_flags == ()
     assert (plan.graph_quant, plan.graph_dtype) == ("int8", "fp16")
     assert plan.calibrator is None and plan.max_trt_major is None
-    assert plan.profile == ShapeProfile("input", (1, *CHW), (8, *CHW), (32, *CHW))
+    # one exact profile per default batch size, then the 1..32 range for every other size
+    assert plan.profiles == tuple(ShapeProfile("input", (lo, *CHW), (opt, *CHW), (hi, *CHW))
+                                  for lo, opt, hi in ((1, 1, 1), (8, 8, 8), (32, 32, 32), (1, 8, 32)))
+    assert plan.batch_sizes == (1, 8, 32) and plan.image_shape == CHW and plan.input_name == "input"
     assert Path(plan.output) == tmp_path / "model.engine"
     assert plan.min_trt_version == MIN_TRT_VERSION == "10.0"
     assert FP32_TYPED_WARNING not in plan.notes and caplog.text == ""
     best = plan_build(path, "best", batch="2,4,16")
-    assert best.strongly_typed and best.builder_flags == () and best.profile.batch == (2, 4, 16)
+    assert best.strongly_typed and best.builder_flags == ()
+    assert best.batch_table == [(2, 2, 2), (4, 4, 4), (16, 16, 16), (2, 4, 16)]
+    exact = plan_build(path, "best", batch="16,1", range_profile=False)
+    assert exact.batch_table == [(1, 1, 1), (16, 16, 16)] and all(p.exact for p in exact.profiles)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -211,8 +217,8 @@ def test_missing_or_unreadable_onnx(tmp_path: Path) -> None:
 
 def test_fixed_batch_and_dynamic_image_size(tmp_path: Path) -> None:
     fixed = save_model(tmp_path, "fp16", batch=4, name="fixed.onnx")
-    assert plan_build(fixed, "fp16").profile.batch == (4, 4, 4)
-    assert plan_build(fixed, "fp16", batch="4").profile.batch == (4, 4, 4)
+    assert plan_build(fixed, "fp16").batch_table == [(4, 4, 4)]  # one size: no range profile
+    assert plan_build(fixed, "fp16", batch="4").batch_table == [(4, 4, 4)]
     with pytest.raises(DfqError, match="fixed batch of 4"):
         plan_build(fixed, "fp16", batch=(1, 8, 32))
     model = make_model("fp32")
@@ -243,8 +249,11 @@ def test_plan_json_round_trip(tmp_path: Path) -> None:
     text = plan.to_json()
     data = json.loads(text)
     assert data["builder_flags"] == ["FP16", "INT8"] and data["graph_dtype"] == "fp32"
-    assert data["profile"] == {"input_name": "input", "min": [1, 3, 4, 4], "opt": [4, 3, 4, 4],
-                               "max": [8, 3, 4, 4]}
+    assert data["profiles"][0] == {"input_name": "input", "min": [1, 3, 4, 4], "opt": [1, 3, 4, 4],
+                                   "max": [1, 3, 4, 4]}
+    assert data["profiles"][-1] == {"input_name": "input", "min": [1, 3, 4, 4], "opt": [4, 3, 4, 4],
+                                    "max": [8, 3, 4, 4]}
+    assert "profile" not in data and len(data["profiles"]) == 4
     assert data["calibrator"]["batch_size"] == 8
     again = EnginePlan.from_json(text)
     assert again == plan
@@ -256,6 +265,19 @@ def test_plan_json_round_trip(tmp_path: Path) -> None:
     assert EnginePlan.from_dict(old).graph_dtype == "fp32"
 
 
+def test_a_plan_with_one_profile_reads_as_before(tmp_path: Path) -> None:
+    """Plans and build records written before per-batch profiles hold one ``profile`` (min 1, opt 8, max 32)."""
+    new = plan_build(save_model(tmp_path, "int8", dtype="fp16"), "int8").to_dict()
+    old = {k: v for k, v in new.items() if k != "profiles"}
+    old["profile"] = {"input_name": "input", "min": [1, 3, 4, 4], "opt": [8, 3, 4, 4], "max": [32, 3, 4, 4]}
+    plan = EnginePlan.from_json(json.dumps(old))
+    assert plan.profiles == (ShapeProfile("input", (1, *CHW), (8, *CHW), (32, *CHW)),)
+    assert plan.batch_table == [(1, 8, 32)] and plan.batch_sizes == () and plan.image_shape == CHW
+    assert EnginePlan.from_dict(plan.to_dict()) == plan  # written back in the new form
+    with pytest.raises(DfqError, match="both 'profile' and 'profiles'"):
+        EnginePlan.from_dict({**new, "profile": old["profile"]})
+
+
 def test_plan_validation_errors(tmp_path: Path) -> None:
     good = plan_build(save_model(tmp_path, "int8"), "int8").to_dict()
     with pytest.raises(DfqError, match="unknown keys"):
@@ -264,10 +286,17 @@ def test_plan_validation_errors(tmp_path: Path) -> None:
         EnginePlan.from_dict({**good, "builder_flags": ["INT8"]})
     with pytest.raises(DfqError, match="unknown builder flag"):
         EnginePlan.from_dict({**good, "strongly_typed": False, "builder_flags": ["FP8"]})
+    last = good["profiles"][-1]
     with pytest.raises(DfqError, match="min <= opt <= max"):
-        EnginePlan.from_dict({**good, "profile": {**good["profile"], "min": [64, 3, 4, 4]}})
+        EnginePlan.from_dict({**good, "profiles": [{**last, "min": [64, 3, 4, 4]}]})
     with pytest.raises(DfqError, match="only the batch"):
-        EnginePlan.from_dict({**good, "profile": {**good["profile"], "max": [32, 3, 8, 8]}})
+        EnginePlan.from_dict({**good, "profiles": [{**last, "max": [32, 3, 8, 8]}]})
+    with pytest.raises(DfqError, match="one or more ShapeProfile"):
+        EnginePlan.from_dict({**good, "profiles": []})
+    with pytest.raises(DfqError, match="repeated profiles"):
+        EnginePlan.from_dict({**good, "profiles": [last, last]})
+    with pytest.raises(DfqError, match=r"every profile must be on input 'input' \[3, 4, 4\]"):
+        EnginePlan.from_dict({**good, "profiles": [last, {**last, "input_name": "x"}]})
     with pytest.raises(DfqError, match="workspace"):
         EnginePlan.from_dict({**good, "workspace_mb": 0})
     with pytest.raises(DfqError, match="overwrite the ONNX"):
@@ -289,21 +318,22 @@ def test_plan_validation_errors(tmp_path: Path) -> None:
     with pytest.raises(DfqError, match=r"min_trt_version 8\.6 is below 10\.0"):
         EnginePlan.from_dict({**good, "min_trt_version": "8.6"})
     missing = dict(good)
-    del missing["profile"]
+    del missing["profiles"]
     with pytest.raises(DfqError, match="incomplete"):
         EnginePlan.from_dict(missing)
     with pytest.raises(DfqError, match="not valid JSON"):
         EnginePlan.from_json("{")
 
 
-def test_parse_batch_range() -> None:
-    assert parse_batch_range("1,8,32") == (1, 8, 32)
-    assert parse_batch_range(" 2, 2, 4 ") == (2, 2, 4)
-    assert parse_batch_range("8") == (8, 8, 8)
-    assert parse_batch_range([1, 2, 3]) == (1, 2, 3)
-    for bad in ("8,1,32", "0,1,2", "a,b,c", "1,2", ""):
+def test_parse_batch_sizes() -> None:
+    assert parse_batch_sizes("1,8,32") == (1, 8, 32)
+    assert parse_batch_sizes(" 2, 2, 4 ") == (2, 4)
+    assert parse_batch_sizes("8") == (8,)
+    assert parse_batch_sizes("32,1,8") == (1, 8, 32)  # sizes, not MIN,OPT,MAX: any order
+    assert parse_batch_sizes([1, 2, 3]) == (1, 2, 3)
+    for bad in ("0,1,2", "a,b,c", "", "-1"):
         with pytest.raises(DfqError, match="--batch"):
-            parse_batch_range(bad)
+            parse_batch_sizes(bad)
 
 
 @pytest.mark.parametrize("version", ["8.6.2", "8.6.1.6", "9.3.0.1"])
