@@ -139,6 +139,7 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     from dfq_deploy.pipeline import ExportOptions, export_model
     from dfq_deploy.synth import synthesize_default
     from dfq_deploy.trt import build_engine, plan_build
+    from dfq_deploy.trt.commands import nvidia_commands
     from dfq_deploy.trt.env import gpu_info, tensorrt_version
 
     check_skip(skip)
@@ -158,7 +159,7 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
             report = export_model(ExportOptions(bits=bits, calibration=calibration, output=out / name, eval_data=data,
                                                 eval_limit=limit, progress=progress))
             logger.warning("acceptance: build %s", name)
-            plan = plan_build(report["artifact"], precision, batch=BATCHES,  # (min, opt, max)
+            plan = plan_build(report["artifact"], precision, batch=BATCHES,  # one profile per batch size
                               timing_cache=out / "timing.cache", output=out / name / "model.engine")
             engine = build_engine(plan)
             acc = evaluate_engine(engine, data, limit, progress=progress)
@@ -169,7 +170,8 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
         engines.append((name, engine))
         result["exports"][name] = {"onnx": report["artifact"], "engine": str(engine), "dtype": report["dtype"],
                                    "parity_passed": report["parity"]["passed"],
-                                   "accuracy": compare_accuracy(report["accuracy"]["top1"], acc["top1"])}
+                                   "accuracy": compare_accuracy(report["accuracy"]["top1"], acc["top1"]),
+                                   "polygraphy": nvidia_commands(plan)["polygraphy"]}
     result["gpu_tests"] = ({"ran": False, "reason": "left out by request (--skip-gpu-tests)"} if "gpu-tests" in skip
                            else run_gpu_tests(tests_dir, out))
     result["latency"] = []
@@ -298,6 +300,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {e['dtype']} | {100 * a['onnxruntime_top1']:.2f} | {100 * a['engine_top1']:.2f} | "
                      f"{a['delta_points']:+.2f} | {'yes' if a['passed'] else 'NO'} | "
                      f"{'passed' if e['parity_passed'] else 'FAILED'} |")
+    checks = [(name, e["polygraphy"]) for name, e in result["exports"].items() if e.get("polygraphy")]
+    if checks:
+        lines += ["", "Where the engine and ONNX Runtime disagree, compare them layer by layer with NVIDIA's "
+                      "Polygraphy (`pip install polygraphy`), in the same image:", ""]
+        lines += [f"- {name}: `{cmd}`" for name, cmd in checks]
     tests = result.get("gpu_tests", {})
     lines += ["", f"- GPU tests: {tests.get('summary') if tests.get('ran') else tests.get('reason', 'not run')}"]
     lines += [f"  - skipped: {why}" for why in tests.get("skip_reasons", [])]

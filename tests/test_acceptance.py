@@ -35,7 +35,8 @@ RECORDED = {
         "fp16": {"onnx": "o/fp16/model.onnx", "engine": "o/fp16/model.engine", "dtype": "fp16", "parity_passed": True,
                  "accuracy": compare_accuracy(0.7810, 0.7800)},
         "w8a8": {"onnx": "o/w8a8/model.onnx", "engine": "o/w8a8/model.engine", "dtype": "fp16", "parity_passed": True,
-                 "accuracy": compare_accuracy(0.7776, 0.7740)},
+                 "accuracy": compare_accuracy(0.7776, 0.7740),
+                 "polygraphy": "polygraphy run o/w8a8/model.onnx --trt --onnxrt --strongly-typed"},
         "w4a16": {"onnx": "o/w4a16/model.onnx", "engine": "o/w4a16/model.engine", "dtype": "fp16",
                   "parity_passed": True, "accuracy": compare_accuracy(0.7790, 0.7770)},
     },
@@ -83,6 +84,20 @@ def test_summary_of_a_recorded_run(tmp_path):
     assert "**passed**" in md and "| w8a8 | fp16 | 77.76 | 77.40 | -0.36 | yes | passed |" in md
     assert "| fp16 | 1 | 0.910 | 1098.9 | 0.0123 |" in md
     assert "9 passed in 80.1s" in md
+    assert "- w8a8: `polygraphy run o/w8a8/model.onnx --trt --onnxrt --strongly-typed`" in md
+
+
+def test_the_polygraphy_line_comes_from_the_build_plan(tmp_path):
+    import onnx
+
+    from dfq_deploy.trt.commands import nvidia_commands
+    from dfq_deploy.trt.planner import plan_build
+    from tests.trt.graphs import vit_graph
+
+    onnx_path = tmp_path / "model.onnx"
+    onnx.save(vit_graph("W8A8", "fp16"), onnx_path)
+    line = nvidia_commands(plan_build(onnx_path, "int8", batch=(1, 8, 32)))["polygraphy"]
+    assert line.startswith("polygraphy run") and str(onnx_path) in line and "--trt" in line and "--onnxrt" in line
 
 
 def _broken(kind: str) -> dict:
