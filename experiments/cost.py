@@ -107,7 +107,8 @@ def variants() -> list[Variant]:
 # --- timing helpers (StepTimer, drop_warmup, time_baseline: dfq_deploy.bench.synth_cost) ------------------
 def time_method(model: nn.Module, dcfg: dict[str, Any], v: Variant, n: int, iters: int, seed: int) -> dict[str, Any]:
     """Run ``v`` for ``iters`` iterations through :func:`synthesize`; per-iteration seconds grouped by stage."""
-    opts = method_options(v.method, v.options, num_samples=n, seed=seed, iterations=iters)
+    # one pass of all n images, as the baseline's forward+backward (the loop's default pass is smaller)
+    opts = method_options(v.method, {"batch_size": 0, **v.options}, num_samples=n, seed=seed, iterations=iters)
     with StepTimer() as timer:
         res = synthesize(model, dcfg, v.method, opts, progress=False)
     stages = [rec["stage"] for rec in res.history]
@@ -213,8 +214,8 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
         time_baseline(model, dcfg, args.memory_num_samples, args.memory_iters, args.seed)
     else:
         v = next(v for v in variants() if v.key == key)
-        opts = method_options(v.method, v.options, num_samples=args.memory_num_samples, seed=args.seed,
-                              iterations=args.memory_iters)
+        opts = method_options(v.method, {"batch_size": 0, **v.options}, num_samples=args.memory_num_samples,
+                              seed=args.seed, iterations=args.memory_iters)  # one pass, as the baseline
         synthesize(model, dcfg, v.method, opts, progress=False)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

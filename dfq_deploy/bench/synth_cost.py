@@ -126,8 +126,8 @@ def device_row(model: nn.Module, dcfg: dict[str, Any], method: str = "dfqvit", n
     peak_memory_reset(device)
     before = time_baseline(model, dcfg, num_samples, warmup + iters, seed, precision)
     base_peak = peak_memory_bytes(device)
-    synth_opts = method_options(method, {**opts, "precision": precision}, num_samples=num_samples, seed=seed,
-                                iterations=warmup + iters + 1)
+    synth_opts = method_options(method, {"batch_size": 0, **opts, "precision": precision}, num_samples=num_samples,
+                                seed=seed, iterations=warmup + iters + 1)  # one pass, as the baseline's
     peak_memory_reset(device)
     with StepTimer(device) as timer:
         res = synthesize(model, dcfg, method, synth_opts, progress=False)

@@ -424,7 +424,7 @@ def _optimise(
         seconds=seconds,
         iterations_run=ran,
         fingerprint=fingerprint,
-        device={**describe_device(device), "images_per_pass": chunk or n_local},
+        device={**describe_device(device), "images_per_pass": min(chunk or n_local, n_local)},
         peak_memory_bytes=peak_memory_bytes(device),
         world_size=comm.world_size,
         backend=comm.backend,
