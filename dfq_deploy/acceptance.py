@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,36 +186,51 @@ def run_acceptance(outdir: str | Path, data: str | Path, limit: int | None = Non
     return result
 
 
-def run_gpu_tests(tests_dir: str | Path | None = None, out: str | Path | None = None) -> dict[str, Any]:
+def run_gpu_tests(tests_dir: str | Path | Sequence[str | Path] | None = None, out: str | Path | None = None,
+                  timeout_s: float = GPU_TESTS_TIMEOUT_S, report_name: str = "gpu-tests.xml") -> dict[str, Any]:
     """``pytest -m gpu`` on ``tests_dir`` (default :data:`TESTS_DIR`) in one process, counted from its JUnit XML.
 
+    Args:
+        tests_dir: a folder of tests, or several test files or folders (all of them must exist).
+        out: where the JUnit XML goes (default: the working directory).
+        timeout_s: the tests may take this long before they count as failed.
+        report_name: the JUnit XML's file name in ``out``.
+
     Returns:
-        ``{"ran", "passed", "counts", "summary"}``; ``ran`` is False (a failure of the run) when the folder is
+        ``{"ran", "passed", "counts", "summary"}``; ``ran`` is False (a failure of the run) when a path is
         missing or no test was collected, and ``passed`` is False when any test failed, errored or was skipped
         (on the GPU machine a skipped GPU test is a check that did not run).
     """
-    tests = Path(tests_dir) if tests_dir is not None else TESTS_DIR
-    if not tests.is_dir():
-        return {"ran": False, "reason": f"GPU tests not found at {tests} (an install without the source tree): "
-                                        "pass --tests DIR, or --skip-gpu-tests to leave them out"}
-    report = Path(out or ".") / "gpu-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", "-q", "-rs", f"--junitxml={report}",
-           str(tests)]  # addopts cleared: no -m 'not slow', no parallel workers on the one GPU
+    if tests_dir is None or isinstance(tests_dir, (str, Path)):
+        targets = [Path(tests_dir) if tests_dir is not None else TESTS_DIR]
+    else:
+        targets = [Path(t) for t in tests_dir]
+    missing = [str(t) for t in targets if not t.exists()]
+    if missing or not targets:
+        return {"ran": False, "reason": f"GPU tests not found at {', '.join(missing) or 'no path given'} (an "
+                                        "install without the source tree): pass --tests DIR, or --skip-gpu-tests "
+                                        "to leave them out"}
+    report = Path(out or ".") / report_name
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-m", "gpu", "-q", "-rs",
+           f"--junitxml={report}", *map(str, targets)]  # addopts cleared: no -m 'not slow', no parallel workers
+    where = ", ".join(map(str, targets))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=GPU_TESTS_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"ran": True, "passed": False, "summary": f"timed out after {GPU_TESTS_TIMEOUT_S} s"}
+        return {"ran": True, "passed": False, "summary": f"timed out after {timeout_s:g} s"}
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1] if lines else proc.stderr.strip()[-500:]
     counts = junit_counts(report) if report.is_file() else None
     if counts is None or counts["tests"] == 0:
-        return {"ran": False, "counts": counts, "reason": f"no GPU tests collected in {tests} (pytest exit "
+        return {"ran": False, "counts": counts, "reason": f"no GPU tests collected in {where} (pytest exit "
                                                           f"{proc.returncode}: {summary})"}
     ran = counts["tests"] - counts["skipped"]
     ok = proc.returncode == 0 and counts["failures"] == counts["errors"] == counts["skipped"] == 0
     result = {"ran": ran > 0, "passed": ok, "counts": counts, "summary": summary}
     if counts["skipped"]:
         result["skip_reasons"] = counts["skip_reasons"]
+    if not ran:
+        result["reason"] = f"all {counts['tests']} collected tests skipped ({'; '.join(counts['skip_reasons'])})"
     return result
 
 

@@ -194,6 +194,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
+    if args.no_tensorrt:
+        return cmd_gpucheck(args)
     from dfq_deploy.acceptance import acceptance_plan, check_environment, passed, run_acceptance
 
     if not args.dry_run:
@@ -210,6 +212,21 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
                             skip=skip)
     print((Path(args.outdir) / "acceptance.md").read_text())
     return 0 if passed(result) else 1
+
+
+def cmd_gpucheck(args: argparse.Namespace) -> int:
+    from dfq_deploy import gpucheck
+
+    skip = [step for step, flag in (("gpu-tests", args.skip_gpu_tests), ("energy", args.skip_energy)) if flag]
+    gpucheck.check_arguments(args.outdir, skip, data=args.data, limit=args.limit)
+    if args.dry_run:
+        for step in gpucheck.gpucheck_plan(args.outdir, tests_root=args.tests, skip=skip):
+            print(f"{step.name}: {step.detail}")
+        return 0
+    gpucheck.check_environment(skip)  # one line, before any work, when the GPU (or pynvml) is missing
+    result = gpucheck.run_gpucheck(args.outdir, tests_root=args.tests, skip=skip, progress=not args.quiet)
+    print((Path(args.outdir) / "gpucheck.md").read_text())
+    return 0 if gpucheck.passed(result) else 1
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -356,12 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("outdir")
     a.add_argument("--data", help="ImageFolder for the accuracy checks (default: the shared CIFAR-10 dev split)")
     a.add_argument("--limit", type=int, help="check accuracy on a seeded subset of this many images")
-    a.add_argument("--tests", help="the GPU tests to run (default: tests/trt of the source checkout)")
+    a.add_argument("--tests", help="the GPU tests to run (default: tests/trt of the source checkout; with "
+                                   "--no-tensorrt: the checkout's tests folder, whose CUDA tests run)")
     a.add_argument("--skip-gpu-tests", action="store_true",
                    help="leave the GPU tests out (shown in the summary); without it, tests that cannot be found, "
                         "collected or run fail the acceptance")
     a.add_argument("--skip-energy", action="store_true",
                    help="leave energy out (shown in the summary); without it, a latency without energy fails")
+    a.add_argument("--no-tensorrt", action="store_true",
+                   help="the GPU check for a machine with an NVIDIA GPU and PyTorch CUDA but no TensorRT: CPU vs CUDA "
+                        "synthesis, the CUDA tests, NVML energy, a torchrun launch; writes gpucheck.json/.md")
     a.add_argument("--dry-run", action="store_true", help="print the steps and stop")
     a.set_defaults(func=cmd_acceptance)
 

@@ -41,6 +41,7 @@ def test_cuda_without_a_gpu_is_one_line_naming_the_fix(spec: str) -> None:
     assert "\n" not in msg
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_index_beyond_the_gpus_is_refused() -> None:
     n = torch.cuda.device_count()

@@ -15,7 +15,7 @@ STAGES = {
     **dict.fromkeys(("errors", "registry", "utils", "config", "device", "models", "data", "calib_images",
                      "weights", "progress"), 0),
     "synth": 1, "quant": 2, "export": 3, "trt": 4, "bench": 5,
-    **dict.fromkeys(("pipeline", "acceptance", "cli", "__main__", "__init__"), 6),
+    **dict.fromkeys(("pipeline", "acceptance", "gpucheck", "cli", "__main__", "__init__"), 6),
 }
 
 
