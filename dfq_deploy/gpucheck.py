@@ -16,10 +16,8 @@ Top to bottom:
    :data:`ENERGY_SECONDS` s), from NVML (:class:`dfq_deploy.bench.nvml.NVMLSampler`, the GPU found by its PCI
    bus id);
 5. **a torchrun launch** of ``dfq-deploy synth`` on the GPU (one process per GPU, at most
-   :data:`TORCHRUN_MAX_PROCS`), checked to finish and write its images. With two GPUs or more the two ranks join
-   an NCCL group (the project picks NCCL on CUDA); with one GPU the single process forms no process group
-   (``synth/distributed.py`` joins one only for two ranks or more), so NCCL is not exercised, and the summary
-   says so;
+   :data:`TORCHRUN_MAX_PROCS`), checked to finish and write its images in an NCCL group (the project picks NCCL
+   on CUDA and joins torchrun's group for any number of processes, one GPU included);
 6. write ``gpucheck.json`` and ``gpucheck.md`` (atomically), and return non-zero when a check failed.
 
 As in :func:`dfq_deploy.acceptance.failures`, a check that was asked for and did not run is a failure; only the
@@ -68,7 +66,7 @@ GPU_TESTS_TIMEOUT_S = 360
 ENERGY_BATCH = 256
 ENERGY_SECONDS = 5.0
 ENERGY_WARMUP = 10
-#: torchrun starts one process per GPU, at most this many (2: the smallest NCCL group).
+#: torchrun starts one process per GPU, at most this many (2: enough to exercise the collectives).
 TORCHRUN_MAX_PROCS = 2
 TORCHRUN_DIR = "torchrun-synth"
 TORCHRUN_TIMEOUT_S = 300
@@ -115,8 +113,8 @@ def gpucheck_plan(outdir: str | Path, tests_root: str | Path | None = None,
                       f"(batch {ENERGY_BATCH}, {ENERGY_SECONDS:g} s)"))
     cmd = torchrun_command(out / TORCHRUN_DIR, 1)
     shown = " ".join(["torchrun", *cmd[3:5], "N", *cmd[6:]])
-    steps.append(Step("torchrun", f"{shown}; N = 1 per GPU, at most {TORCHRUN_MAX_PROCS} (NCCL with 2; one process "
-                                  f"forms no process group); it must finish and write {SYNTH_IMAGES} images"))
+    steps.append(Step("torchrun", f"{shown}; N = 1 per GPU, at most {TORCHRUN_MAX_PROCS}, on NCCL; it must finish "
+                                  f"and write {SYNTH_IMAGES} images"))
     steps.append(Step("summary", ", ".join(str(out / f) for f in SUMMARY_FILES)))
     return steps
 
@@ -505,7 +503,7 @@ def failures(result: dict[str, Any]) -> list[str]:
                        "ones")
         if run.get("processes") != run.get("nproc"):
             out.append(f"torchrun: {run.get('processes')} process(es) synthesised, {run.get('nproc')} were started")
-        elif (run.get("nproc") or 1) > 1 and run.get("backend") != "nccl":
+        elif run.get("backend") != "nccl":
             out.append(f"torchrun: backend {run.get('backend')}, expected nccl on CUDA")
     return out
 
@@ -591,9 +589,6 @@ def summary_markdown(result: dict[str, Any]) -> str:
                          f"{run.get('processes', '?')} process(es), backend {run.get('backend', '?')}")
             if run.get("max_abs_vs_in_process") is not None:
                 lines.append(f"- images within {run['max_abs_vs_in_process']:.2e} of the in-process CUDA run")
-            if run.get("nproc") == 1:
-                lines.append("- one GPU: the single process forms no process group, so NCCL was not exercised "
-                             f"(with {TORCHRUN_MAX_PROCS} GPUs or more, {TORCHRUN_MAX_PROCS} processes run on NCCL)")
             if run.get("returncode") != 0:
                 lines += [f"  - {ln}" for ln in run.get("stderr_tail", [])]
     return "\n".join(lines) + "\n"

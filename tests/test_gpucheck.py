@@ -58,7 +58,7 @@ RECORDED = {
                "images": 1_400_000, "images_per_s": 280_000.0, "method": "total-energy counter", "warnings": []},
     "torchrun": {"command": "torchrun --standalone --nproc-per-node 1 -m dfq_deploy synth ...", "nproc": 1,
                  "expected_images": 8, "output": "o/torchrun-synth", "returncode": 0, "seconds": 20.0,
-                 "stderr_tail": [], "images": 8, "finite": True, "processes": 1, "backend": "none",
+                 "stderr_tail": [], "images": 8, "finite": True, "processes": 1, "backend": "nccl",
                  "s_per_it": 0.03, "max_abs_vs_in_process": 0.0},
 }
 
@@ -204,19 +204,19 @@ def test_the_cuda_tests_are_collected_and_all_skip_here(tmp_path: Path) -> None:
 
 
 def test_the_torchrun_launch_on_the_cpu_writes_its_images(tmp_path: Path) -> None:
-    """The same launch as on the GPU, with --device cpu (gloo is not even joined with one process)."""
+    """The same launch as on the GPU, with --device cpu: one process joins torchrun's group (gloo on the CPU)."""
     res = torchrun_check(tmp_path, 1, device="cpu", timeout_s=300)
     assert res["returncode"] == 0, res.get("stderr_tail")
-    assert res["images"] == SYNTH_IMAGES and res["finite"] and res["processes"] == 1 and res["backend"] == "none"
+    assert res["images"] == SYNTH_IMAGES and res["finite"] and res["processes"] == 1 and res["backend"] == "gloo"
     assert (tmp_path / TORCHRUN_DIR / "images.safetensors").is_file()
-    assert failures({**RECORDED, "torchrun": res}) == []
+    assert failures({**RECORDED, "torchrun": res}) == ["torchrun: backend gloo, expected nccl on CUDA"]
 
 
 def test_a_recorded_run_passes_and_its_summary_says_why(tmp_path: Path) -> None:
     assert failures(RECORDED) == [] and passed(RECORDED)
     md = summary_markdown(RECORDED)
     assert "verdict: **passed**" in md and "NVIDIA L4" in md and "6.0x the CPU's speed" in md
-    assert "NCCL was not exercised" in md  # one GPU: one process, no process group
+    assert "1 process(es), backend nccl" in md  # one GPU: one process, in an NCCL group
     written = write_summary(RECORDED, tmp_path)
     assert [p.name for p in written] == ["gpucheck.json", "gpucheck.md"]
     saved = json.loads((tmp_path / "gpucheck.json").read_text())

@@ -51,8 +51,10 @@ def env_rank() -> tuple[int, int, int]:
 
 
 def launched_by_torchrun() -> bool:
-    """True in a worker that torchrun started with more than one process in the job."""
-    return "RANK" in os.environ and env_rank()[1] > 1
+    """True in a worker that torchrun started: its environment names the rank and the rendezvous (``RANK``,
+    ``MASTER_ADDR``), whatever the number of processes, so that a one-GPU ``torchrun`` job runs in an NCCL group
+    as a larger one does (or ``RANK`` with a ``WORLD_SIZE`` above 1)."""
+    return "RANK" in os.environ and ("MASTER_ADDR" in os.environ or env_rank()[1] > 1)
 
 
 def is_main_process() -> bool:
