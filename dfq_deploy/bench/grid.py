@@ -303,7 +303,7 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
     if cfg.deployable:
         t = time.perf_counter()
-        proto = to_onnx(model, tuple(dcfg["input_size"]), dtype=args.dtype)
+        proto = to_onnx(model, tuple(dcfg["input_size"]), dtype=args.dtype, calib=calib_images)  # as export
         cell["times"]["export_s"] = time.perf_counter() - t
         cell["top1"] = acc(ort_logits(proto, x_eval, args.threads))
         cell["measured_on"] = f"onnxruntime ({args.dtype} graph)"
