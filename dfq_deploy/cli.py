@@ -193,6 +193,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _skipped_steps(args: argparse.Namespace) -> list[str]:
+    """The steps ``--skip-gpu-tests`` / ``--skip-energy`` leave out of ``acceptance`` (with or without TensorRT)."""
+    return [step for step, flag in (("gpu-tests", args.skip_gpu_tests), ("energy", args.skip_energy)) if flag]
+
+
 def cmd_acceptance(args: argparse.Namespace) -> int:
     if args.no_tensorrt:
         return cmd_gpucheck(args)
@@ -203,7 +208,7 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     from dfq_deploy.data import default_cifar10
 
     args.data = args.data or str(default_cifar10("dev"))
-    skip = [step for step, flag in (("gpu-tests", args.skip_gpu_tests), ("energy", args.skip_energy)) if flag]
+    skip = _skipped_steps(args)
     if args.dry_run:
         for step in acceptance_plan(args.outdir, args.data, args.limit, tests_dir=args.tests, skip=skip):
             print(f"{step.name}: {step.detail}")
@@ -217,7 +222,7 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
 def cmd_gpucheck(args: argparse.Namespace) -> int:
     from dfq_deploy import gpucheck
 
-    skip = [step for step, flag in (("gpu-tests", args.skip_gpu_tests), ("energy", args.skip_energy)) if flag]
+    skip = _skipped_steps(args)
     gpucheck.check_arguments(args.outdir, skip, data=args.data, limit=args.limit)
     if args.dry_run:
         for step in gpucheck.gpucheck_plan(args.outdir, tests_root=args.tests, skip=skip):

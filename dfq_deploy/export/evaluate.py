@@ -107,7 +107,6 @@ def evaluate_onnx(path: str | Path, data_dir: str | Path, limit: int | None = No
         raise DfqError(f"ONNX file not found: {path}")
     data_cfg = onnx_data_config(path)
     names, num_classes = onnx_classes(path)
-    ImageFolder(data_dir, names, num_classes)  # classes that do not match fail before the session is made
     session = ort_session(path, threads=threads, config=FLOAT_ACTIVATIONS)
     name = session.get_inputs()[0].name
 
