@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Literal, TypeVar
 
 from dfq_deploy.errors import DfqError
@@ -82,6 +83,11 @@ class QuantConfig(JsonConfig):
             or None to keep the head in float. The deployable weight-only presets keep it in float (FP16 in the
             graph): TensorRT documents weight-only quantization only for INT4 blocked weights, and an INT8
             weight-only Gemm is refused by the linter (rule ``weight-only-int8``).
+        layers: per-layer overrides (mixed precision): module name or ``fnmatch`` pattern -> a preset name
+            (``"W4A16"``; ``"FP16"`` keeps the layer in float) or a dict of field changes to this config
+            (``{"w_bits": 3}``). A quantizable unit is a block Linear (``blocks.0.attn.qkv``: its weight and
+            input quantizer) or an attention module's matmul group (``blocks.0.attn``: Q, K, softmax output and
+            V). Later entries win. None: every layer uses this config (:meth:`for_layer`).
         version: config schema version.
     """
 
@@ -99,6 +105,7 @@ class QuantConfig(JsonConfig):
     attn_log2: bool = False
     io_bits: int | None = None
     head_w_bits: int | None = None
+    layers: dict[str, str | dict[str, Any]] | None = None
     version: int = CONFIG_VERSION
 
     what: ClassVar[str] = "quantization config"
@@ -131,10 +138,59 @@ class QuantConfig(JsonConfig):
             raise DfqError(f"a_percentile={self.a_percentile} must be in (50, 100]")
         if self.version != CONFIG_VERSION:
             raise DfqError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+        if self.layers is not None:
+            if not isinstance(self.layers, dict):
+                raise DfqError("layers must map module names (or patterns) to a preset name or a dict of changes")
+            for pattern, value in self.layers.items():
+                self._layer_value(pattern, value)  # validates
+
+    def __hash__(self) -> int:  # ``layers`` is a dict: hash the JSON form
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    #: Fields a per-layer override may not change: they are about the whole model.
+    _GLOBAL_FIELDS: ClassVar[tuple[str, ...]] = ("name", "io_bits", "head_w_bits", "layers", "version", "a_calib")
+
+    def _layer_value(self, pattern: str, value: str | dict[str, Any]) -> QuantConfig:
+        """The config one override gives its layers (validated)."""
+        if isinstance(value, str):
+            return layer_preset(value)
+        if not isinstance(value, dict):
+            raise DfqError(f"layers['{pattern}']: {value!r} is neither a preset name nor a dict of changes")
+        bad = sorted(set(value) & set(self._GLOBAL_FIELDS))
+        if bad:
+            raise DfqError(f"layers['{pattern}'] changes {', '.join(bad)}, which apply to the whole model: set them "
+                           "on the config itself")
+        try:
+            return replace(self, layers=None, **value)
+        except TypeError as exc:
+            raise DfqError(f"layers['{pattern}']: {exc}") from exc
+
+    def for_layer(self, name: str) -> QuantConfig:
+        """The config of the module ``name`` (a block Linear, or an attention module for its matmul group): this
+        config with the last matching :attr:`layers` override applied, without ``layers``."""
+        out = self if self.layers is None else replace(self, layers=None)
+        for pattern, value in (self.layers or {}).items():
+            if fnmatchcase(name, pattern):
+                out = self._layer_value(pattern, value)
+        return out
+
+    def _all_layer_configs(self) -> list[QuantConfig]:
+        base = self if self.layers is None else replace(self, layers=None)
+        return [base] + [self._layer_value(p, v) for p, v in (self.layers or {}).items()]
+
+    @property
+    def is_float(self) -> bool:
+        """True when no layer is quantized (a float export)."""
+        return all(c.w_bits is None and c.a_bits is None for c in self._all_layer_configs())
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """True when some layer quantizes its activations (calibration images are needed)."""
+        return any(c.a_bits is not None for c in self._all_layer_configs())
 
     #: Fields added after the first release, left out of :meth:`key_dict` while at their defaults (which behave as
     #: before they existed), so that cached results keyed on a config stay valid.
-    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("a_grid", "a_calib", "io_bits")
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("a_grid", "a_calib", "io_bits", "layers")
 
     def key_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the later fields that are at their defaults: what result caches key on."""
@@ -143,7 +199,12 @@ class QuantConfig(JsonConfig):
 
     @property
     def deployable(self) -> bool:
-        """True when TensorRT (and ONNX Runtime) can run this preset as real integer kernels."""
+        """True when TensorRT (and ONNX Runtime) can run this preset as real integer kernels (every layer's)."""
+        if self.layers is not None:
+            return all(c._deployable_uniform() for c in self._all_layer_configs())
+        return self._deployable_uniform()
+
+    def _deployable_uniform(self) -> bool:
         if self.attn_log2 or self.a_grid != "symmetric" or self.io_bits is not None:
             return False
         if self.a_bits is None:  # weight-only: 2..4 bits in a blocked INT4 container, the one form TensorRT
@@ -154,10 +215,11 @@ class QuantConfig(JsonConfig):
 
     @property
     def w_storage_bits(self) -> int | None:
-        """Bits of the ONNX container of the weights (8 or 4)."""
-        if self.w_bits is None:
+        """Bits of the ONNX container of the weights (8 or 4; the widest over the layers)."""
+        bits = [c.w_bits for c in self._all_layer_configs() if c.w_bits is not None]
+        if not bits:
             return None
-        return 8 if self.w_bits > 4 else 4
+        return 8 if max(bits) > 4 else 4
 
 
 
@@ -225,6 +287,17 @@ SYNTH_PRECISIONS = ("fp32", "bf16")
 
 #: ``export --bits`` -> preset. 16 and 32 are float reference exports.
 EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16: "FP32"}
+
+
+#: Names a per-layer override may use for a float layer (FP16 in the graph, like the rest of the graph).
+FLOAT_LAYER_NAMES = ("FP16", "FP32", "FLOAT")
+
+
+def layer_preset(name: str) -> QuantConfig:
+    """The config a per-layer override's preset name stands for (``FP16``/``FP32``/``float``: unquantized)."""
+    if name.upper() in FLOAT_LAYER_NAMES:
+        return PRESETS["FP32"].with_(name="FP16")
+    return preset(name)
 
 
 def preset(name: str) -> QuantConfig:

@@ -90,7 +90,7 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.quant is None:
             self.quant = preset_for_bits(self.bits)
-        bits_dtype = {16: "fp16", 32: "fp32"}.get(self.bits) if self.quant.w_bits is None else None
+        bits_dtype = {16: "fp16", 32: "fp32"}.get(self.bits) if self.quant.is_float else None
         if self.dtype is None:
             self.dtype = bits_dtype or GRAPH_DTYPES[0]
         if self.dtype not in GRAPH_DTYPES:
@@ -158,7 +158,7 @@ def check_inputs(opts: ExportOptions) -> None:
 
 def _calibrates(opts: ExportOptions) -> bool:
     assert opts.quant is not None
-    return opts.quant.w_bits is not None or opts.quant.a_bits is not None
+    return not opts.quant.is_float
 
 
 def stage_plan(opts: ExportOptions, n_probes: int = NUM_PROBES) -> list[str]:
@@ -272,7 +272,7 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
             "model": opts.model.to_dict(),
             "data_config": dcfg,
             "quant_config": cfg.to_dict(),
-            "precision": opts.dtype if cfg.w_bits is None else precision_of(cfg),  # the integer type, if any
+            "precision": opts.dtype if cfg.is_float else precision_of(cfg),  # the integer type, if any
             "dtype": opts.dtype,
             "calibration": {"source": source, "num_samples": len(calib), "seed": opts.seed,
                             "dir": str(cal.calib_dir) if cal.calib_dir else None,

@@ -69,6 +69,6 @@ def test_papers_protocol_presets():
 
 def test_key_dict_leaves_out_later_fields_at_their_defaults():
     cfg = PRESETS["W4A3"]
-    assert set(cfg.to_dict()) - set(cfg.key_dict()) == {"a_grid", "a_calib", "io_bits"}
+    assert set(cfg.to_dict()) - set(cfg.key_dict()) == {"a_grid", "a_calib", "io_bits", "layers"}
     changed = cfg.with_(a_calib="sequential").key_dict()
     assert changed["a_calib"] == "sequential" and "a_grid" not in changed

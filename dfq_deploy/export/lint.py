@@ -13,8 +13,8 @@ Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised i
   blocked dimension exactly and a scale of the input's shape with that dimension divided by the block size;
 * ``axis``: a per-axis scale has one entry for each index of the quantized axis;
 * ``opset``: INT4 or blocked quantization needs opset >= 21, FP16 / BF16 scales opset >= 19;
-* ``mha`` (advisory: TensorRT parses and builds the graph without it, but cannot fuse the attention): where the
-  attention matmuls (MatMuls of two activations) are quantized, both inputs of each are dequantized, and the
+* ``mha`` (advisory: TensorRT parses and builds the graph without it, but cannot fuse the attention): where an
+  attention matmul (a MatMul of two activations) has a quantized input, both inputs are dequantized, and the
   output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``: TensorRT's fused INT8
   attention needs Q/DQ before the first batched matmul, after the softmax and after the second batched matmul
   (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
@@ -258,6 +258,8 @@ def _mha_violations(graph: onnx.GraphProto, consts: dict[str, TensorProto]) -> l
     out: list[Violation] = []
     for i, n in enumerate(bmms):
         name = n.name or f"MatMul#{i}"
+        if n not in quantized:  # a float attention (mixed precision): TensorRT runs it in float, nothing to fuse
+            continue
         for k, t in enumerate(n.input):
             if dq_source(t) is None:
                 out.append(Violation("mha", name, f"attention matmul input {k} ('{t}') is not a Q -> DQ output: "

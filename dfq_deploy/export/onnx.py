@@ -216,11 +216,14 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
         if iq is not None and iq.enabled:
             b.act_qdq(node, 1 - idx if node.op_type == "MatMul" else 0, _scalar(iq, lname), f"{tag}_in")
     # 2. attention matmuls: MatMuls whose inputs are both activations, two per attention module, in order.
-    attns = [a for a in attention_modules(model) if hasattr(a, "q_quant")]
-    if attns:
+    # Every attention module has its two matmuls in the graph; only some may be quantized (mixed precision).
+    attns = attention_modules(model)
+    if any(hasattr(a, "q_quant") for a in attns):
         if len(act_mm) != 2 * len(attns):
             raise DfqError(f"export: found {len(act_mm)} attention matmuls, expected {2 * len(attns)}")
         for a_i, attn in enumerate(attns):
+            if not hasattr(attn, "q_quant"):
+                continue
             qk, pv = act_mm[2 * a_i], act_mm[2 * a_i + 1]
             for node, idx, q, t in ((qk, 0, attn.q_quant, "q"), (qk, 1, attn.k_quant, "k"),
                                     (pv, 0, attn.p_quant, "p"), (pv, 1, attn.v_quant, "v")):

@@ -187,14 +187,26 @@ def _swin_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = N
 
 
 # --- model-level API ---------------------------------------------------------------------------------------
-def _quantizable_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+def _quantizable_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear, str]]:
+    """``(parent, child name, Linear, full module name)`` of every block Linear, in module order."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     for parent_name, parent in model.named_modules():
         if not parent_name.startswith(("blocks", "layers", "stages")):
             continue
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear) and child is not head:
-                yield parent, child_name, child
+                yield parent, child_name, child, f"{parent_name}.{child_name}"
+
+
+def quant_units(model: nn.Module) -> list[tuple[str, str]]:
+    """The quantizable units of a float timm model, in module order: ``(name, kind)`` with kind ``linear`` (a block
+    Linear: weight and input) or ``attn`` (an attention module's matmul group). These are the names
+    :attr:`~dfq_deploy.config.QuantConfig.layers` overrides match."""
+    units = [(full, "linear") for _, _, _, full in _quantizable_linears(model)]
+    attn_names = {id(a) for a in attention_modules(model)}
+    units += [(n, "attn") for n, m in model.named_modules() if id(m) in attn_names]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(units, key=lambda u: order[u[0]])
 
 
 def _quantize_patch_embed_(model: nn.Module, cfg: QuantConfig) -> None:
@@ -242,13 +254,16 @@ def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
     set_fused_attn_(model, False)
     model.dfq_config = cfg
-    if cfg.w_bits is None and cfg.a_bits is None:
+    if cfg.is_float:
         return model
+    found = list(_quantizable_linears(model))
     n = 0
-    for parent, name, lin in list(_quantizable_linears(model)):
-        setattr(parent, name, QuantLinear.from_linear(lin, cfg))
-        n += 1
-    if n == 0:
+    for parent, name, lin, full in found:
+        layer_cfg = cfg.for_layer(full)
+        if layer_cfg.w_bits is not None or layer_cfg.a_bits is not None:
+            setattr(parent, name, QuantLinear.from_linear(lin, layer_cfg))
+            n += 1
+    if not found:
         raise ValueError("no Linear layers found under blocks/layers: is this a timm ViT/DeiT/Swin model?")
     if cfg.io_bits is not None:
         io_cfg = cfg.with_(w_bits=cfg.io_bits, w_granularity="per_channel", a_bits=cfg.io_bits)
@@ -256,9 +271,11 @@ def prepare_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         _quantize_patch_embed_(model, io_cfg)
     elif cfg.head_w_bits is not None:
         _quantize_head_(model, cfg.with_(w_bits=cfg.head_w_bits, w_granularity="per_channel", a_bits=None))
-    if cfg.a_bits is not None and cfg.a_scope == "matmul":
-        for attn in attention_modules(model):
-            _attach_attn_quantizers(attn, cfg)
+    attn_ids = {id(a) for a in attention_modules(model)}
+    for attn_name, attn in [(n, m) for n, m in model.named_modules() if id(m) in attn_ids]:
+        attn_cfg = cfg.for_layer(attn_name)
+        if attn_cfg.a_bits is not None and attn_cfg.a_scope == "matmul":
+            _attach_attn_quantizers(attn, attn_cfg)
     logger.info("prepared %d quantized Linear layers for %s", n, cfg.name)
     return model
 
@@ -417,7 +434,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: ForwardLoop | 
     """
     prepare_(model, config)
     calibrate_weights_(model)
-    if config.a_bits is not None:
+    if config.quantizes_activations:
         if forward_loop is None:
             raise ValueError(f"{config.name} quantizes activations: pass a forward_loop with calibration data")
         calibrate_activations_(model, forward_loop, sequential=config.a_calib == "sequential")

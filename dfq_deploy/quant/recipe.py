@@ -74,7 +74,7 @@ def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, co
     cfg = config
     held = held_back_noise(calib, seed) if held is None else held
     timings = {} if timings is None else timings
-    if cfg.w_bits is None and cfg.a_bits is None:
+    if cfg.is_float:
         t = time.perf_counter()
         quantize(model, cfg, batches_loop(calib))
         timings["quantize_s"] = time.perf_counter() - t
@@ -83,7 +83,7 @@ def _recipe(model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor, co
                            "evaluated_on": f"held_back ({len(held)} inputs)", "stages": {}}
     stage_s: dict[str, float] = {}
     t = time.perf_counter()
-    if reparam and cfg.a_bits is not None:
+    if reparam and cfg.quantizes_activations:
         layers = reparam_layernorm_(model, calib)["layers"]
         rep["reparam"] = True
         rep["reparam_range_ratio"] = {
