@@ -67,8 +67,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = preset(args.preset) if args.preset else preset_for_bits(args.bits)
     if args.block_size:
         cfg = cfg.with_(block_size=args.block_size)
+    auto = None
+    if args.auto:
+        from dfq_deploy.quant.search import AutoConfig
+
+        fields = {"formats": tuple(args.auto_formats.split(","))} if args.auto_formats else {}
+        auto = AutoConfig(budget=args.auto, cost_table=args.cost_table, **fields)
     spec = _spec(args)
     label = cfg.name if cfg.w_bits is not None else {16: "FP16", 32: "FP32"}.get(args.bits, cfg.name)
+    if auto is not None:
+        label = "auto-" + args.auto.replace(":", "")
     out = args.output or f"out/{spec.name}-{label}"
     calibration = CalibrationConfig(source=args.calib, num_samples=args.num_samples, iterations=args.synth_iters,
                                     precision=args.synth_dtype, calib_dir=args.calib_dir, calib_from=args.calib_from)
@@ -77,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(ExportOptions(
         model=spec, bits=args.bits, quant=cfg, calibration=calibration, correction=correction, dtype=args.dtype,
         output=out, seed=args.seed, parity_threshold=args.parity_threshold, eval_data=args.eval_data,
-        eval_limit=args.eval_limit, progress=not args.quiet, plot=args.plot, device=args.device,
+        eval_limit=args.eval_limit, auto=auto, progress=not args.quiet, plot=args.plot, device=args.device,
     ))
     if "artifact" not in report:  # a torchrun rank other than 0: it synthesised its share, rank 0 exports
         return 0
@@ -85,13 +93,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     sets = parity_sets(report["parity"]).values()
     n, bad = sum(v["n"] for v in sets), sum(v["disagreeing"] for v in sets)
-    line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {cfg.name}, "
+    line = (f"wrote {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB, {report['quant_config']['name']}, "
             f"{report['dtype'].upper()} graph); ONNX Runtime agrees with PyTorch within rounding on {n - bad} of {n} "
             "inputs")
     if "accuracy" in report:
         acc = report["accuracy"]
         line += f"; accuracy of the exported model: top-1 {100 * acc['top1']:.2f}% on {acc['n']} images"
     print(line)
+    from dfq_deploy.quant.estimate import describe
+
+    print(describe(report["estimate"]))
+    if report.get("mixed"):
+        m = report["mixed"]
+        counts = ", ".join(f"{k} x{v}" for k, v in m["counts"].items() if v)
+        print(f"mixed precision ({m['budget']}): {counts}; {m['effective_bits']:.2f} effective weight bits; "
+              f"per-unit formats in report.json['mixed']['units']")
     return 0
 
 
@@ -278,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default, fp32 for --bits 32; what TensorRT "
                         "builds) or fp32 (CPU runtimes); input and output stay float32")
     e.add_argument("--block-size", type=int, help="INT4 weight block size along the input dim (default 128)")
+    from dfq_deploy.quant.search import AutoConfig
+
+    e.add_argument("--auto", metavar="KIND:VALUE",
+                   help="mixed precision: one format per Linear and attention group, chosen from synthetic probes to "
+                        "meet a budget: bits:3.5 (average weight bits), size:1.5 (MB of weights as stored), "
+                        "drop:0.5 (largest predicted top-1 drop, points), latency:MS (with --cost-table)")
+    e.add_argument("--auto-formats", metavar="F1,F2,...",
+                   help=f"candidate formats for --auto (default {','.join(AutoConfig().formats)})")
+    e.add_argument("--cost-table", help="JSON of measured per-unit latencies for --auto latency:MS")
     e.add_argument("--calib", default=cal.source,
                    help=f"calibration source: a data-free method (psaq, spdfq, dfqvit; default {cal.source}, "
                         "the benchmark's best), noise, or real (with --calib-dir)")

@@ -23,18 +23,22 @@ from dfq_deploy.config import (
     CalibrationConfig,
     CorrectionConfig,
     QuantConfig,
+    layer_preset,
     preset_for_bits,
 )
 from dfq_deploy.data import ImageFolder
 from dfq_deploy.device import describe_device, resolve_device
 from dfq_deploy.errors import DfqError
-from dfq_deploy.export.evaluate import evaluate_onnx
+from dfq_deploy.export.evaluate import evaluate_onnx, evaluate_torch
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import fp32_nodes, save_onnx, to_onnx
 from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
 from dfq_deploy.models import ModelSpec, class_names, create_model, data_config, require_checkpoint_file
 from dfq_deploy.quant.correct import plot_block_errors
+from dfq_deploy.quant.estimate import NUM_ESTIMATE_PROBES, describe, estimate_accuracy, estimate_probes
 from dfq_deploy.quant.recipe import HELD_SEED_OFFSET, quantize_
+from dfq_deploy.quant.search import AutoConfig, auto_quant_config
+from dfq_deploy.quant.sensitivity import probe_logits
 from dfq_deploy.synth import METHODS, CalibRequest, calibration_set, get_source, load_synth_dir
 from dfq_deploy.synth.distributed import current, init_from_env
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, removed_if_left_empty
@@ -65,6 +69,8 @@ class ExportOptions:
             rounding (:mod:`dfq_deploy.export.parity`); 0 skips the check.
         eval_data: ImageFolder to measure the exported graph's accuracy on (optional).
         eval_limit: evaluate a seeded subset of this many images.
+        auto: search one format per unit under a budget (:mod:`dfq_deploy.quant.search`); its result replaces
+            ``quant``, and with ``eval_data`` the float model's accuracy is measured too (the measured drop).
         progress: show progress bars.
         plot: write ``correction.png`` (per-block error before/after) beside ``report.json``.
         device: where the PyTorch stages run (synthesis, ranges, corrections, reconstruction, the PyTorch side
@@ -83,6 +89,7 @@ class ExportOptions:
     parity_threshold: float = PARITY_THRESHOLD
     eval_data: str | Path | None = None
     eval_limit: int | None = None
+    auto: AutoConfig | None = None
     progress: bool = True
     plot: bool = False
     device: str = DEVICE_CHOICES[0]
@@ -97,6 +104,11 @@ class ExportOptions:
             raise DfqError(f"--dtype {self.dtype} is unknown: use one of {', '.join(GRAPH_DTYPES)}")
         if bits_dtype and self.dtype != bits_dtype:
             raise DfqError(f"--bits {self.bits} is the {bits_dtype} float graph: drop --dtype {self.dtype}")
+        if self.auto is not None and not all(layer_preset(f).deployable for f in self.auto.formats):
+            bad = [f for f in self.auto.formats if not layer_preset(f).deployable]
+            raise DfqError(f"--auto-formats {','.join(bad)} are simulated only (no TensorRT kernel): export with "
+                           "deployable formats (FP16, W8A8, W4A16, W3A16, W2A16); simulated searches belong to "
+                           "experiments/mixed_precision.py")
         if not self.quant.deployable:
             raise DfqError(f"{self.quant.name} is simulated only (no TensorRT kernel): export a deployable preset")
         if not 0.0 <= self.parity_threshold <= 1.0:
@@ -106,6 +118,7 @@ class ExportOptions:
         """The settings as JSON-ready data (recorded in ``report.json``)."""
         assert self.quant is not None
         return {"model": self.model.to_dict(), "quant": self.quant.to_dict(),
+                "auto": self.auto.to_dict() if self.auto is not None else None,
                 "calibration": self.calibration.to_dict(), "correction": self.correction.to_dict(),
                 "dtype": self.dtype, "seed": self.seed, "parity_threshold": self.parity_threshold,
                 "device": self.device}
@@ -158,7 +171,7 @@ def check_inputs(opts: ExportOptions) -> None:
 
 def _calibrates(opts: ExportOptions) -> bool:
     assert opts.quant is not None
-    return not opts.quant.is_float
+    return opts.auto is not None or not opts.quant.is_float
 
 
 def stage_plan(opts: ExportOptions, n_probes: int = NUM_PROBES) -> list[str]:
@@ -174,11 +187,15 @@ def stage_plan(opts: ExportOptions, n_probes: int = NUM_PROBES) -> list[str]:
                  + (f" ({cal.precision})" if cal.precision else ""))
     else:
         calib = f"calibration images: {cal.num_samples} from {cal.source}"
-    plan = [calib, f"quantize {cfg.name}"]
+    plan = [calib]
+    if opts.auto is not None:
+        plan.append(f"search one format per unit ({opts.auto.budget}; {','.join(opts.auto.formats)})")
+    plan.append(f"quantize {cfg.name}" if opts.auto is None else "quantize the mixed formats")
     if _calibrates(opts):
         plan += ["reparameterise"] * cor.reparam + [f"reconstruct ({cor.reconstruct_iters} steps a block)"] * \
             cor.reconstruct + [f"correct ({cor.mode})"] * (cor.mode != "none")
-    plan += [f"export {opts.dtype.upper()} ONNX + lint", f"parity ({2 * cal.num_samples + n_probes} inputs)"]
+    plan += [f"export {opts.dtype.upper()} ONNX + lint", f"parity ({2 * cal.num_samples + n_probes} inputs)",
+             f"data-free accuracy estimate ({NUM_ESTIMATE_PROBES} held-back probes)"]
     if opts.eval_data is not None:
         plan.append(f"accuracy on {opts.eval_data}" + (f" ({opts.eval_limit} images)" if opts.eval_limit else ""))
     return plan
@@ -245,6 +262,17 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
         model, CalibRequest(len(calib), opts.seed + HELD_SEED_OFFSET, dcfg, cal.calib_dir))
     timings["calibration_data_s"] = time.perf_counter() - t
 
+    mixed: dict[str, Any] | None = None
+    if opts.auto is not None:
+        t = time.perf_counter()
+        cfg, mixed = auto_quant_config(model, calib.images, opts.auto, seed=opts.seed, progress=opts.progress)
+        timings["search_s"] = time.perf_counter() - t
+    # The data-free estimate: held-back synthetic probes through the float model now, the exported graph later.
+    est_probes = estimate_probes(calib.images, seed=opts.seed)
+    fp_est = probe_logits(model, est_probes)
+    float_acc = None
+    if mixed is not None and opts.eval_data is not None:
+        float_acc = evaluate_torch(model, opts.eval_data, dcfg, opts.eval_limit, progress=opts.progress)
     correction = quantize_(model, cfg, calib.images, opts.correction, held=held.images, seed=opts.seed,
                            timings=timings)
     png = None
@@ -262,6 +290,8 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
                             progress=opts.progress)
     timings["parity_s"] = time.perf_counter() - t
     require_parity(parity)
+    estimate = estimate_accuracy(fp_est, ort_logits(proto, est_probes), seed=opts.seed)
+    estimate["measured_on"] = "onnxruntime (exported artifact) vs the float PyTorch model"
 
     written: list[Path] = []
     try:
@@ -281,6 +311,8 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
             "settings": opts.to_dict(),
             "correction": correction,
             "parity": parity,
+            "estimate": estimate,
+            "mixed": mixed,
             "lint": [str(v) for v in lint_onnx(proto)],
             "fp32_nodes": fp32_nodes(proto),  # an FP16 graph's FP32 islands and why (None: FP32 graph)
             "size_bytes": onnx_path.stat().st_size,
@@ -294,6 +326,10 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
             report["accuracy"] = evaluate_onnx(onnx_path, opts.eval_data, opts.eval_limit, progress=opts.progress)
             report["accuracy"]["measured_on"] = "onnxruntime (exported artifact)"
             timings["eval_s"] = time.perf_counter() - t
+            if mixed is not None and float_acc is not None:
+                mixed["float_top1"] = float_acc["top1"]
+                mixed["measured_top1"] = report["accuracy"]["top1"]
+                mixed["measured_drop"] = 100 * (float_acc["top1"] - report["accuracy"]["top1"])
         if png is not None:
             written.append(atomic_write_bytes(out / "correction.png", png))
             correction["plot"] = "correction.png"
@@ -303,4 +339,16 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
             path.unlink(missing_ok=True)
         raise
     logger.info("time: %s; report: %s", time_summary(timings), out / "report.json")
+    logger.info(describe(estimate))
     return report
+
+
+def ort_logits(proto: Any, x: torch.Tensor) -> Any:
+    """The graph's logits on ``x`` in ONNX Runtime (all optimizations, as deployed)."""
+    import numpy as np
+
+    from dfq_deploy.export.ort import ort_session
+
+    sess = ort_session(proto)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + 128].numpy()})[0] for i in range(0, len(x), 128)])

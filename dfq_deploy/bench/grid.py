@@ -52,7 +52,9 @@ from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
 from dfq_deploy.export.parity import run_session, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
+from dfq_deploy.quant.estimate import estimate_accuracy, estimate_probes
 from dfq_deploy.quant.recipe import quantize_
+from dfq_deploy.quant.sensitivity import probe_logits
 from dfq_deploy.synth import METHODS, SOURCES, CalibRequest
 from dfq_deploy.synth.checkpoint import model_fingerprint, save_checkpoint
 from dfq_deploy.synth.loop import SYNTH_REVISION
@@ -193,7 +195,10 @@ class CellCache:
 
     def get_cell(self, pname: str, source: str, seed: int) -> dict[str, Any] | None:
         path = self._cell(pname, source, seed)
-        return None if self.fresh or not path.is_file() else json.loads(path.read_text())
+        cell = None if self.fresh or not path.is_file() else json.loads(path.read_text())
+        if cell is not None and pname != "FP32" and "estimate" not in cell:
+            return None  # made before the data-free estimate existed: made again, with it
+        return cell
 
     def put_cell(self, cell: dict[str, Any]) -> None:
         atomic_write_json(self._cell(cell["preset"], cell["source"], cell["seed"]), cell)
@@ -290,9 +295,10 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, Any], pname: str, source: str,
              seed: int, calib_images: torch.Tensor, held: torch.Tensor, x_eval: torch.Tensor,
-             acc: Callable[[np.ndarray], float]) -> dict[str, Any]:
-    """Quantize a copy of ``base`` with one preset and calibration set; top-1 on the artifact or simulated."""
-    cfg = preset_config(pname)
+             acc: Callable[[np.ndarray], float], cfg: QuantConfig | None = None) -> dict[str, Any]:
+    """Quantize a copy of ``base`` with one preset (or ``cfg``, named ``pname``) and calibration set; top-1 on the
+    artifact or simulated, and the data-free estimate on the same model."""
+    cfg = preset_config(pname) if cfg is None else cfg
     model = copy.deepcopy(base)
     t = time.perf_counter()
     stages: dict[str, float] = {}
@@ -301,14 +307,18 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
     corr = quantize_(model, cfg, calib_images, correction, held=held, seed=seed, timings=stages)
     cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
+    probes = estimate_probes(calib_images, seed=seed)  # the export's data-free estimate, on the same artifact
     if cfg.deployable:
         t = time.perf_counter()
         proto = to_onnx(model, tuple(dcfg["input_size"]), dtype=args.dtype, calib=calib_images)  # as export
         cell["times"]["export_s"] = time.perf_counter() - t
         cell["top1"] = acc(ort_logits(proto, x_eval, args.threads))
         cell["measured_on"] = f"onnxruntime ({args.dtype} graph)"
+        q_probe = ort_logits(proto, probes, args.threads)
     else:
         cell["top1"], cell["measured_on"] = acc(run_torch(model, x_eval, batch_size=250)), "simulated (pytorch)"
+        q_probe = run_torch(model, probes, batch_size=250)
+    cell["estimate"] = estimate_accuracy(probe_logits(base, probes), q_probe, seed=seed)
     return cell
 
 
