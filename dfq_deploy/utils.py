@@ -1,11 +1,12 @@
-"""Small helpers shared by every stage: atomic file writes, JSON output, figures as PNG bytes."""
+"""Small helpers shared by every stage: atomic file and folder writes, JSON output, figures as PNG bytes."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,53 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_dir(path: str | Path, files: Mapping[str, bytes | Path], staging: str | Path | None = None) -> Path:
+    """Write a new folder all at once: its files go into a temp folder beside ``path``, which is then renamed.
+
+    Readers (a server polling its model repository, a pipeline reading its config) see either no folder or the
+    whole one; on an error or Ctrl-C the temp folder is removed, and so are the parents this call created.
+
+    Args:
+        path: the folder to create; it must not exist yet.
+        files: relative path inside the folder -> its bytes, or a file to copy.
+        staging: the folder the temp folder goes in (default ``path``'s parent; on the same file system), e.g. the
+            parent of a model repository, whose server should not see a half-written model.
+
+    Raises:
+        DfqError: ``path`` exists, or the folder cannot be written (one line naming the fix).
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise DfqError(f"{path} already exists: remove it or choose another output")
+    stage = Path(staging) if staging is not None else path.parent
+    with removed_if_left_empty(path.parent), removed_if_left_empty(stage):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stage.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=stage))
+        except OSError as exc:
+            raise DfqError(f"cannot write to {path.parent}: {exc.strerror} (choose a writable output)") from exc
+        try:
+            for rel, content in files.items():
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    shutil.copyfile(content, dst)
+                else:
+                    dst.write_bytes(content)
+                os.chmod(dst, 0o666 & ~_UMASK)
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes a 0700 folder
+            os.rename(tmp, path)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DfqError(f"cannot write {path}: {exc.strerror or exc} (choose a writable output with free "
+                           "space)") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
 
 
 def _json_default(obj: Any) -> Any:
