@@ -14,8 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "dfq_deploy"
 STAGES = {
     **dict.fromkeys(("errors", "registry", "utils", "config", "device", "models", "data", "calib_images",
                      "weights", "progress"), 0),
-    "synth": 1, "quant": 2, "export": 3, "trt": 4, "bench": 5,
-    **dict.fromkeys(("pipeline", "acceptance", "gpucheck", "cli", "__main__", "__init__"), 6),
+    "synth": 1, "quant": 2, "export": 3, "trt": 4, "serve": 5, "bench": 6,
+    **dict.fromkeys(("pipeline", "acceptance", "gpucheck", "cli", "__main__", "__init__"), 7),
 }
 
 
@@ -59,7 +59,7 @@ def test_no_module_imports_a_later_stage(path: Path) -> None:
 
 
 def test_the_stages_are_folders_a_newcomer_can_find() -> None:
-    for stage in ("synth", "quant", "quant/correct", "export", "trt", "bench"):
+    for stage in ("synth", "quant", "quant/correct", "export", "trt", "serve", "bench"):
         assert (PKG / stage / "__init__.py").is_file(), stage
     assert not (PKG / "calib").exists()
 
