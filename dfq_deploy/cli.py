@@ -267,6 +267,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(args: argparse.Namespace):
+    from dfq_deploy.serve.target import Target
+
+    return Target(trt_version=args.trt_version, compute_capability=args.compute_capability, gpu=args.gpu)
+
+
+def cmd_serve_triton(args: argparse.Namespace) -> int:
+    from dfq_deploy.serve.triton import TritonOptions, docker_command, write_triton_repository
+
+    opts = TritonOptions(name=args.model, batch=_int_list(args.batch, "--batch") if args.batch else None,
+                         instances=args.instances, kind=args.kind, max_queue_delay_us=args.max_queue_delay_us,
+                         trt_accelerator=not args.no_trt_accelerator, target=_target(args))
+    repo = write_triton_repository(args.out, args.artifacts, opts)
+    print(f"wrote {repo.model_dir} (config.pbtxt, model, preprocess.json); serve it with:\n{docker_command(args.out)}")
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -422,11 +439,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="folder for report.md / .csv / .png")
     r.set_defaults(func=cmd_report)
 
+    _serve_parser(sub, common)
+
     lint = sub.add_parser(
         "lint", parents=[common], help="check an ONNX graph against TensorRT's explicit-quantization rules")
     lint.add_argument("onnx")
     lint.set_defaults(func=cmd_lint)
     return p
+
+
+def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sv = sub.add_parser("serve", parents=[common],
+                        help="configs for NVIDIA's servers: a Triton model repository")
+    kinds = sv.add_subparsers(dest="server", required=True)
+    target = argparse.ArgumentParser(add_help=False)
+    g = target.add_argument_group("target (checked against an engine's build record)")
+    g.add_argument("--trt-version", help="the TensorRT version the server runs, e.g. 10.3.0")
+    g.add_argument("--compute-capability", help="the server GPU's compute capability, e.g. 8.7 (Orin), 9.0 (H100)")
+    g.add_argument("--gpu", help="the server GPU's name")
+    artifacts_help = "an exported model.onnx, or a model.engine (with its build record) and the .onnx it was built from"
+
+    tr = kinds.add_parser("triton", parents=[common, target], help="write OUT/NAME: config.pbtxt, 1/model.plan or "
+                          "1/model.onnx, labels.txt, preprocess.json")
+    tr.add_argument("out", help="the model repository folder (may hold other models)")
+    tr.add_argument("artifacts", nargs="+", help=artifacts_help)
+    tr.add_argument("--model", required=True, help="the model name (its folder in the repository)")
+    tr.add_argument("--batch", help="batch sizes of an ONNX graph, e.g. 1,8,32 (the default); an engine's come from "
+                                    "its profiles")
+    tr.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
+    tr.add_argument("--kind", default="KIND_GPU", help="instance kind: KIND_GPU (default), KIND_CPU (ONNX only) or "
+                                                      "KIND_AUTO")
+    tr.add_argument("--max-queue-delay-us", type=int, default=0,
+                    help="dynamic batcher's wait for a fuller batch, microseconds (default 0)")
+    tr.add_argument("--no-trt-accelerator", action="store_true",
+                    help="ONNX: run on ONNX Runtime's CUDA provider instead of its TensorRT accelerator")
+    tr.set_defaults(func=cmd_serve_triton)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
