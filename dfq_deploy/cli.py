@@ -284,6 +284,22 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_deepstream(args: argparse.Namespace) -> int:
+    from dfq_deploy.serve.deepstream import (
+        CONFIG_FILE,
+        DeepStreamOptions,
+        gst_launch_command,
+        write_deepstream_config,
+    )
+
+    opts = DeepStreamOptions(batch_size=args.batch_size, threshold=args.threshold, gie_id=args.gie_id,
+                             gpu_id=args.gpu_id, target=_target(args))
+    result = write_deepstream_config(args.out, args.artifacts, opts)
+    print(f"wrote {result.out / CONFIG_FILE} (+ labels and model); run it with:\n"
+          f"{gst_launch_command(result.out / CONFIG_FILE)}")
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -450,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     sv = sub.add_parser("serve", parents=[common],
-                        help="configs for NVIDIA's servers: a Triton model repository")
+                        help="configs for NVIDIA's servers: a Triton model repository or a DeepStream nvinfer config")
     kinds = sv.add_subparsers(dest="server", required=True)
     target = argparse.ArgumentParser(add_help=False)
     g = target.add_argument_group("target (checked against an engine's build record)")
@@ -474,6 +490,17 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     tr.add_argument("--no-trt-accelerator", action="store_true",
                     help="ONNX: run on ONNX Runtime's CUDA provider instead of its TensorRT accelerator")
     tr.set_defaults(func=cmd_serve_triton)
+
+    ds = kinds.add_parser("deepstream", parents=[common, target],
+                          help="write OUT: an nvinfer classifier config, labels.txt and the model")
+    ds.add_argument("out", help="a new folder for the config")
+    ds.add_argument("artifacts", nargs="+", help=artifacts_help)
+    ds.add_argument("--batch-size", type=int, help="nvinfer batch-size (default 1 for ONNX, profile 0's for engines)")
+    ds.add_argument("--threshold", type=float, default=0.0,
+                    help="classifier-threshold on the class probability (default 0: always the top class)")
+    ds.add_argument("--gie-id", type=int, default=1, help="gie-unique-id (default 1)")
+    ds.add_argument("--gpu-id", type=int, default=0, help="gpu-id (default 0)")
+    ds.set_defaults(func=cmd_serve_deepstream)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
