@@ -5,8 +5,8 @@ Runtime backend), ``OUT/NAME/labels.txt`` when the model has class names and ``O
 preprocessing a client must do, :func:`~dfq_deploy.serve.preprocess.preprocess_recipe`), all at once
 (:func:`~dfq_deploy.utils.atomic_write_dir`). What the config says, and the Triton documents it follows
 (``triton-inference-server/server`` ``docs/user_guide/model_configuration.md`` and ``batcher.md``,
-``triton-inference-server/common`` ``protobuf/model_config.proto``, ``onnxruntime_backend`` ``README.md``; main
-branches read in 2026, unchanged in these parts since the 24.xx releases):
+``triton-inference-server/common`` ``protobuf/model_config.proto``, ``onnxruntime_backend`` ``README.md`` and
+``src/onnxruntime.cc``, ``tensorrt_backend`` ``src/instance_state.cc``; read at their main branches):
 
 * ``platform`` ``tensorrt_plan`` or ``onnxruntime_onnx``, ``default_model_filename`` the file in ``1/``.
 * ``max_batch_size`` > 0 with ``dims`` that leave the batch out ("the full shape is formed as [ -1 ] + dims"), so the
@@ -56,8 +56,9 @@ TRITON_TYPES = {
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 LABELS_FILE = "labels.txt"
 PREPROCESS_FILE = "preprocess.json"
-#: The NGC image the README's docker line names: TensorRT 10.3, the version of JetPack 6.1/6.2 (Triton's
-#: compatibility matrix, docs/introduction/compatibility.md); an engine needs the release with its own TensorRT.
+#: The NGC image the README's docker line names: release 24.08, for which Triton's compatibility matrix
+#: (docs/introduction/compatibility.md, its TensorRT-LLM container's column) lists TensorRT 10.3, the version of
+#: JetPack 6.1/6.2; an engine needs the release with its own TensorRT (NVIDIA's Frameworks Support Matrix).
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.08-py3"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
