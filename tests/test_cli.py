@@ -347,3 +347,41 @@ def test_unknown_model_suggests_the_aliases_and_the_bundled_model_first(capsys):
     suggested = err.split("did you mean ")[1].rstrip("?\n").split(", ")
     assert suggested[:2] == ["deit_t", "deit_tiny_cifar10"] and "deit3_base_patch16_224" not in suggested
     assert "vit_l" in err  # every alias is listed
+
+
+def test_export_auto_writes_one_mixed_graph_and_reports_each_unit(tmp_path, capsys, monkeypatch):
+    import onnx
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the sensitivity cache goes under ~/.cache
+    data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "export", *TINY, "--random-weights", "--auto", "bits:3", "--calib", "noise",
+                             "--num-samples", "8", "--output", str(out), "--eval-data", str(data), "-q")
+    assert code == 0, err
+    assert "mixed precision (bits:3)" in stdout and "predicted top-1 drop" in stdout
+    report = json.loads((out / "report.json").read_text())
+    mixed = report["mixed"]
+    assert mixed["effective_bits"] <= 3 and report["quant_config"]["layers"]
+    assert {u["unit"]: u["format"] for u in mixed["units"] if u["format"] != "FP16"} == \
+        report["quant_config"]["layers"]
+    assert all("kl" in u and "bytes" in u for u in mixed["units"])
+    assert mixed["measured_drop"] == pytest.approx(100 * (mixed["float_top1"] - report["accuracy"]["top1"]))
+    assert report["parity"]["passed"] and report["lint"] == []
+    est = report["estimate"]
+    assert 0 <= est["agreement"] <= 1 and est["interval"][0] <= est["predicted_drop"] <= est["interval"][1]
+    proto = onnx.load(str(out / "model.onnx"))
+    blocked = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert blocked  # the 2-4-bit units are blocked INT4 weights in the one graph
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--auto", "bits"], "KIND:VALUE"),
+    (["--auto", "latency:3"], "--cost-table"),
+    (["--auto", "bits:3", "--auto-formats", "FP16,W4A4"], "simulated only"),
+    (["--auto", "bits:3", "--auto-formats", "FP16,W9A9"], "unknown preset"),
+])
+def test_export_auto_refuses_bad_budgets_in_one_line(tmp_path, capsys, flags, needle):
+    code, _, err = _run(capsys, "export", *TINY, "--random-weights", *flags, "--output", str(tmp_path / "o"), "-q")
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -28,7 +28,7 @@ from torch import nn
 
 from dfq_deploy.config import JsonConfig, QuantConfig, layer_preset
 from dfq_deploy.errors import DfqError
-from dfq_deploy.quant.estimate import NUM_ESTIMATE_PROBES, estimate_accuracy, estimate_probes
+from dfq_deploy.quant.estimate import estimate_accuracy, estimate_probes
 from dfq_deploy.quant.qmodel import batches_loop, quantize
 from dfq_deploy.quant.sensitivity import DEFAULT_CACHE, is_float_format, probe_logits, sensitivity_table
 
@@ -39,6 +39,8 @@ BUDGET_KINDS = ("bits", "size", "drop", "latency")
 DEPLOYABLE_FORMATS = ("FP16", "W8A8", "W4A16", "W3A16", "W2A16")
 #: The search's probes are drawn with this seed offset, apart from the export's own estimate probes.
 SEARCH_SEED_OFFSET = 1
+#: Probes the sensitivities are measured on (the search's cost is ``units x formats`` passes of them).
+SEARCH_PROBES = 128
 _BISECT_STEPS = 8
 
 
@@ -61,7 +63,7 @@ class AutoConfig(JsonConfig):
 
     budget: str = "bits:4"
     formats: tuple[str, ...] = DEPLOYABLE_FORMATS
-    probes: int = NUM_ESTIMATE_PROBES
+    probes: int = SEARCH_PROBES
     cost_table: str | None = None
     cache_dir: str | None = str(DEFAULT_CACHE)
 
