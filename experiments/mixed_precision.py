@@ -3,10 +3,10 @@ the uniform presets and a naive assignment, over seeds (:mod:`dfq_deploy.bench.m
 
 The committed results:
     python experiments/mixed_precision.py --sources dfqvit --seeds 3 --synth-iters 200 --limit 1000 --threads 1
-    python experiments/mixed_precision.py --model swin_t --random-weights \
-        --model-kwargs img_size=32,patch_size=2,window_size=4,embed_dim=32,depths=2-2,num_heads=2-4,num_classes=10 \
-        --sources dfqvit --seeds 3 --synth-iters 200 --limit 1000 --threads 1 --tag=-tiny
-Writes ``experiments/results/mixed-<model>[tag].json``, ``.md`` and ``.png``.
+    python experiments/mixed_precision.py --tiny swin --sources dfqvit --seeds 3 --synth-iters 200 --limit 1000 \
+        --threads 1
+Writes ``experiments/results/mixed-<model>[-tiny][tag].json``, ``.md`` and ``.png``; a tiny random-weight model is
+scored by top-1 agreement with its float graph (its labels mean nothing).
 """
 
 from dfq_deploy.bench.mixed import main

@@ -35,7 +35,7 @@ from dfq_deploy.bench.grid import CellCache, calib_maker, ort_logits, parse_args
 from dfq_deploy.config import QuantConfig, layer_preset
 from dfq_deploy.data import load_images
 from dfq_deploy.export.onnx import to_onnx
-from dfq_deploy.models import ModelSpec, create_model, data_config, parse_model_kwargs, transformer_blocks
+from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config, parse_model_kwargs, transformer_blocks
 from dfq_deploy.quant.estimate import estimate_probes
 from dfq_deploy.quant.qmodel import quant_units
 from dfq_deploy.quant.search import DEPLOYABLE_FORMATS, SEARCH_SEED_OFFSET, AutoConfig, auto_quant_config, rest_bytes
@@ -77,11 +77,17 @@ def weight_stats(table: dict[str, Any], cfg: QuantConfig, rest: float) -> dict[s
     return {"effective_bits": bits / params, "weight_mb": (stored + rest) / 1e6}
 
 
-def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...]) -> dict[str, Any]:
+def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...],
+        tiny: str | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
+    if tiny is not None:  # a tiny random-weight model of TINY_CONFIGS (kwargs with tuples, e.g. Swin's depths)
+        name, kwargs = TINY_CONFIGS[tiny]
+        args.model, args.random_weights = name, True
+        spec = ModelSpec(name, kwargs=dict(kwargs), random_weights=True)
+    else:
+        spec = ModelSpec(args.model, args.checkpoint, parse_model_kwargs(args.model_kwargs), args.random_weights)
     base = create_model(spec)
     dcfg = data_config(base)
     cache = CellCache(args, spec, base)
@@ -224,11 +230,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--budgets", default="bits:2.25,bits:2.5,bits:3,bits:3.5,bits:4,bits:6")
     extra.add_argument("--formats", default=",".join(DEPLOYABLE_FORMATS))
+    extra.add_argument("--tiny", choices=sorted(TINY_CONFIGS), help="a tiny random-weight model instead of --model")
     mine, rest = extra.parse_known_args(argv)
     args = parse_args(rest)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    res = run(args, mine.budgets.split(","), tuple(mine.formats.split(",")))
-    stem = Path(args.output) / f"mixed-{res['model']['name']}{args.tag}"
+    res = run(args, mine.budgets.split(","), tuple(mine.formats.split(",")), mine.tiny)
+    stem = Path(args.output) / f"mixed-{res['model']['name']}{'-tiny' if mine.tiny else ''}{args.tag}"
     atomic_write_json(stem.with_suffix(".json"), res)
     md = markdown(res)
     atomic_write_text(stem.with_suffix(".md"), md)

@@ -127,3 +127,15 @@ def test_auto_search_meets_the_budget_and_makes_a_mixed_config(tmp_path):
     assert drop_rep["sensitivity_cached"]  # one table serves every budget
     assert drop_rep["predicted_without_correction"]["predicted_drop"] <= 0.5
     assert mixed_config({"x": "FP16"}, "n").is_float
+
+
+def test_latency_budget_uses_the_measured_cost_table_only():
+    cost = {"source": "recorded: bench on a test GPU", "rest_ms": 1.0,
+            "units": {"a": {"FP16": 3.0, "W4A16": 2.0, "W2A16": 2.0}, "b": {"FP16": 3.0, "W4A16": 2.0, "W2A16": 2.0}}}
+    auto = AutoConfig(budget="latency:6", formats=("FP16", "W4A16", "W2A16"), cost_table="costs.json",
+                      cache_dir=None)
+    assert solve(_table(), auto, cost_table=cost) == {"a": "FP16", "b": "W4A16"}  # 1 + 3 + 2 ms
+    assert solve(_table(), auto.with_(budget="latency:5"), cost_table=cost) == {"a": "W4A16", "b": "W4A16"}
+    del cost["units"]["b"]["W2A16"]
+    with pytest.raises(DfqError, match="no latency for b in W2A16"):
+        solve(_table(), auto, cost_table=cost)
