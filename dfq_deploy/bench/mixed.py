@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import statistics
 import sys
@@ -31,22 +32,38 @@ import numpy as np
 import torch
 
 import dfq_deploy
-from dfq_deploy.bench.grid import CellCache, calib_maker, ort_logits, parse_args, run_cell
+from dfq_deploy.bench.grid import CellCache, _short_hash, calib_maker, ort_logits, parse_args, run_cell
 from dfq_deploy.config import QuantConfig, layer_preset
 from dfq_deploy.data import load_images
 from dfq_deploy.export.onnx import to_onnx
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config, parse_model_kwargs, transformer_blocks
 from dfq_deploy.quant.estimate import estimate_probes
 from dfq_deploy.quant.qmodel import quant_units
-from dfq_deploy.quant.search import DEPLOYABLE_FORMATS, SEARCH_SEED_OFFSET, AutoConfig, auto_quant_config, rest_bytes
+from dfq_deploy.quant.search import (
+    ACT_QUANTIZERS,
+    DEPLOYABLE_FORMATS,
+    SEARCH_SEED_OFFSET,
+    AutoConfig,
+    auto_quant_config,
+    rest_bytes,
+)
 from dfq_deploy.quant.sensitivity import sensitivity_table
 from dfq_deploy.synth import SOURCES, CalibRequest
 from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, figure_png
 
 logger = logging.getLogger(__name__)
 
-UNIFORM = ("W8A8", "W4A16", "W3A16", "W2A16")
-NAIVE = (("W4A16", "W2A16"), ("W4A16", "W3A16"))
+#: The two comparisons: ``weights`` (deployable formats, x = effective weight bits) and ``activations`` (the
+#: simulated low-bit activation formats at 4-bit weights, where the CIFAR-10 model is sensitive; x = average
+#: activation bits). Each: candidate formats, uniform presets (highest first), naive (high, low) pairs, budgets.
+REGIMES: dict[str, dict[str, Any]] = {
+    "weights": {"formats": DEPLOYABLE_FORMATS, "uniform": ("W8A8", "W4A16", "W3A16", "W2A16"),
+                "naive": (("W4A16", "W2A16"), ("W4A16", "W3A16")), "x": "effective_bits",
+                "budgets": "bits:2.25,bits:2.5,bits:3,bits:4,bits:8"},
+    "activations": {"formats": ("W4A8", "W4A4", "W4A3"), "uniform": ("W4A8", "W4A4", "W4A3"),
+                    "naive": (("W4A8", "W4A3"), ("W4A8", "W4A4")), "x": "activation_bits",
+                    "budgets": "abits:3.5,abits:4,abits:5,abits:6"},
+}
 
 
 def naive_config(model: torch.nn.Module, high: str, low: str) -> QuantConfig:
@@ -63,22 +80,25 @@ def naive_config(model: torch.nn.Module, high: str, low: str) -> QuantConfig:
 
 
 def weight_stats(table: dict[str, Any], cfg: QuantConfig, rest: float) -> dict[str, float]:
-    """Effective bits of the block Linears and stored MB of the weights for ``cfg`` (from the table's sizes)."""
+    """Effective bits of the block Linears, stored MB of the weights (from the table's sizes) and average
+    activation bits (16 where float) for ``cfg``."""
     params = sum(r["params"] for r in table["units"])
-    bits = stored = 0.0
+    bits = stored = abits = n_act = 0.0
     for r in table["units"]:
+        c = cfg.for_layer(r["name"])
+        k = ACT_QUANTIZERS[r["kind"]]
+        abits += (c.a_bits or 16) * k
+        n_act += k
         if r["kind"] != "linear":
             continue
-        c = cfg.for_layer(r["name"])
         fmt = c.name if c.w_bits is not None else "FP16"
         size = r["formats"].get(fmt) or r["formats"]["FP16"]
         bits += (c.w_bits or 16) * r["params"]
         stored += size["bytes"] if c.w_bits is not None else 2.0 * r["params"]
-    return {"effective_bits": bits / params, "weight_mb": (stored + rest) / 1e6}
+    return {"effective_bits": bits / params, "weight_mb": (stored + rest) / 1e6, "activation_bits": abits / n_act}
 
 
-def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...],
-        tiny: str | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace, budgets: list[str], regime: str, tiny: str | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,6 +123,8 @@ def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...],
     fp_top1 = float((fp_pred == truth).mean())
     held = SOURCES.get("noise")(base, CalibRequest(args.num_samples, 10_000, dcfg)).images
     source = args.sources.split(",")[0]
+    reg = REGIMES[regime]
+    formats = tuple(reg["formats"])
     cells: list[dict[str, Any]] = []
     for seed in range(args.seeds):
         calib, _ = cache.calib(source, seed, calib_maker(args, base, dcfg, source, seed))
@@ -115,17 +137,22 @@ def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...],
                                                            "sensitivity_s": rep["sensitivity_s"],
                                                            "sensitivity_cached": rep["sensitivity_cached"],
                                                            "counts": rep["counts"]}))
-        configs += [(p, "uniform", layer_preset(p), {}) for p in UNIFORM]
-        configs += [(f"ends {h} / {lo}", "naive", naive_config(base, h, lo), {}) for h, lo in NAIVE]
+        configs += [(p, "uniform", layer_preset(p), {}) for p in reg["uniform"]]
+        configs += [(f"ends {h} / {lo}", "naive", naive_config(base, h, lo), {}) for h, lo in reg["naive"]]
         probes = estimate_probes(calib, AutoConfig().probes, seed + SEARCH_SEED_OFFSET)
         table = sensitivity_table(base, calib, probes, formats, Path(args.cache).expanduser() / "sens")
         rest = rest_bytes(base, table)
         for name, family, cfg, extra in configs:
-            cell = run_cell(args, base, dcfg, name, source, seed, calib, held, x_eval, acc, cfg=cfg)
-            cell.update(family=family, **weight_stats(table, cfg, rest), **extra)
+            path = cache.root / "mixed" / f"cell-{_short_hash([name, cfg.to_dict(), source, seed, kind])}.json"
+            if path.is_file() and not args.fresh:  # finished before: an interrupted run resumes
+                cell = json.loads(path.read_text())
+            else:
+                cell = run_cell(args, base, dcfg, name, source, seed, calib, held, x_eval, acc, cfg=cfg)
+                cell.update(family=family, **weight_stats(table, cfg, rest), **extra)
+                atomic_write_json(path, cell)
             cells.append(cell)
-            logger.warning("%-22s seed %d: %s %.4f, %.2f bits, %.3f MB", name, seed, kind, cell["top1"],
-                           cell["effective_bits"], cell["weight_mb"])
+            logger.warning("%-22s seed %d: %s %.4f, %.2f weight bits, %.2f activation bits, %.3f MB", name, seed,
+                           kind, cell["top1"], cell["effective_bits"], cell["activation_bits"], cell["weight_mb"])
     rows = []
     for name in dict.fromkeys(c["preset"] for c in cells):
         cs = [c for c in cells if c["preset"] == name]
@@ -134,39 +161,41 @@ def run(args: argparse.Namespace, budgets: list[str], formats: tuple[str, ...],
                      "top1_std": statistics.stdev(c["top1"] for c in cs) if len(cs) > 1 else 0.0,
                      "effective_bits": statistics.fmean(c["effective_bits"] for c in cs),
                      "weight_mb": statistics.fmean(c["weight_mb"] for c in cs),
+                     "activation_bits": statistics.fmean(c["activation_bits"] for c in cs),
                      "predicted_drop": statistics.fmean(c["estimate"]["predicted_drop"] for c in cs),
                      "search_s": statistics.fmean(c["search_s"] for c in cs) if "search_s" in cs[0] else None,
                      "measured_on": cs[0]["measured_on"]})
     return {"command": "python " + " ".join(sys.argv), "model": spec.to_dict(), "kind": kind, "source": source,
             "data": args.data, "n_eval": len(truth), "seeds": args.seeds, "synth_iters": args.synth_iters,
-            "formats": list(formats), "budgets": budgets, "float_top1": fp_top1, "threads": args.threads,
+            "formats": list(formats), "budgets": budgets, "regime": regime, "x": reg["x"], "float_top1": fp_top1,
+            "threads": args.threads,
             "dfq_deploy": dfq_deploy.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "rows": rows, "cells": cells, "goals": goals(rows)}
+            "rows": rows, "cells": cells, "goals": goals(rows, reg["uniform"], reg["x"])}
 
 
-def _interp(rows: list[dict[str, Any]], bits: float) -> float | None:
-    """Top-1 of the automatic choice at ``bits``, read off its curve (linear between budgets)."""
-    pts = sorted((r["effective_bits"], r["top1_mean"]) for r in rows if r["family"] == "auto")
+def _interp(rows: list[dict[str, Any]], bits: float, x: str) -> float | None:
+    """Top-1 of the automatic choice at ``bits`` of ``x``, read off its curve (linear between budgets)."""
+    pts = sorted((r[x], r["top1_mean"]) for r in rows if r["family"] == "auto")
     for (b0, a0), (b1, a1) in zip(pts, pts[1:], strict=False):
         if b0 <= bits <= b1:
             return a0 + (a1 - a0) * (bits - b0) / (b1 - b0) if b1 > b0 else max(a0, a1)
     return next((a for b, a in pts if abs(b - bits) < 1e-6), None)
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goals: auto at or above each uniform preset at equal or fewer bits; at W3A16's bits (and W2A16's),
-    the share of the gap to the next preset up that it recovers."""
+def goals(rows: list[dict[str, Any]], uniform: tuple[str, ...], x: str) -> dict[str, Any]:
+    """The goals: auto at or above each uniform preset at equal bits (``x``); at each lower preset's bits, the share
+    of the gap to the next preset up that it recovers."""
     by = {r["config"]: r for r in rows}
     out: dict[str, Any] = {"at_or_above_uniform": {}}
-    for p in UNIFORM:
+    for p in uniform:
         if p not in by:
             continue
-        auto = _interp(rows, by[p]["effective_bits"])
+        auto = _interp(rows, by[p][x], x)
         out["at_or_above_uniform"][p] = None if auto is None else {
             "auto": auto, "uniform": by[p]["top1_mean"], "ok": auto >= by[p]["top1_mean"] - 1e-9}
-    for low, high in (("W3A16", "W4A16"), ("W2A16", "W3A16")):
+    for high, low in zip(uniform, uniform[1:], strict=False):
         if low in by and high in by:
-            auto = _interp(rows, by[low]["effective_bits"])
+            auto = _interp(rows, by[low][x], x)
             gap = by[high]["top1_mean"] - by[low]["top1_mean"]
             out[f"gap_{low}_to_{high}"] = {"gap_points": 100 * gap, "auto": auto,
                                            "recovered": None if auto is None or gap <= 0 else
@@ -181,12 +210,14 @@ def markdown(res: dict[str, Any]) -> str:
              + f": {y} on {res['n_eval']} `dev` images, mean ± std over {res['seeds']} seeds, calibration "
              f"`{res['source']}` ({res['synth_iters']} iterations), measured on the exported ONNX in ONNX Runtime. "
              f"Float: {100 * res['float_top1']:.2f}. Command: `{res['command']}`.", "",
-             f"| config | kind | effective weight bits | weights as stored (MB) | {y} | predicted drop | search (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(res["rows"], key=lambda r: -r["effective_bits"]):
+             f"| config | kind | effective weight bits | activation bits | weights as stored (MB) | {y} | "
+             "predicted drop | search (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(res["rows"], key=lambda r: (-r[res["x"]], r["family"])):
         search = "" if r["search_s"] is None else f"{r['search_s']:.0f}"
-        lines.append(f"| {r['config']} | {r['family']} | {r['effective_bits']:.2f} | {r['weight_mb']:.3f} | "
-                     f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | {r['predicted_drop']:.2f} | {search} |")
+        lines.append(f"| {r['config']} | {r['family']} | {r['effective_bits']:.2f} | {r['activation_bits']:.2f} | "
+                     f"{r['weight_mb']:.3f} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
+                     f"{r['predicted_drop']:.2f} | {search} |")
     g = res["goals"]
     lines += ["", "Goals:"]
     for p, v in g["at_or_above_uniform"].items():
@@ -210,15 +241,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for family, marker in (("auto", "o-"), ("uniform", "s"), ("naive", "^")):
-        rs = sorted((r for r in res["rows"] if r["family"] == family), key=lambda r: r["effective_bits"])
-        ax.errorbar([r["effective_bits"] for r in rs], [100 * r["top1_mean"] for r in rs],
+        rs = sorted((r for r in res["rows"] if r["family"] == family), key=lambda r: r[res["x"]])
+        ax.errorbar([r[res["x"]] for r in rs], [100 * r["top1_mean"] for r in rs],
                     yerr=[100 * r["top1_std"] for r in rs], fmt=marker, capsize=3, label=family)
         if family != "auto":
             for r in rs:
-                ax.annotate(r["config"], (r["effective_bits"], 100 * r["top1_mean"]), fontsize=7,
+                ax.annotate(r["config"], (r[res["x"]], 100 * r["top1_mean"]), fontsize=7,
                             textcoords="offset points", xytext=(4, -10))
     ax.axhline(100 * res["float_top1"], color="k", ls="--", lw=1, label="float")
-    ax.set_xlabel("effective weight bits (block Linears)")
+    ax.set_xlabel({"effective_bits": "effective weight bits (block Linears)",
+                   "activation_bits": "average activation bits (16 where float)"}[res["x"]])
     ax.set_ylabel("top-1 (%)" if res["kind"] == "accuracy" else "top-1 agreement with float (%)")
     ax.set_title(f"{res['model']['name']}: mixed precision, {res['seeds']} seeds", fontsize=9)
     ax.legend(fontsize=8)
@@ -228,14 +260,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--budgets", default="bits:2.25,bits:2.5,bits:3,bits:3.5,bits:4,bits:6")
-    extra.add_argument("--formats", default=",".join(DEPLOYABLE_FORMATS))
+    extra.add_argument("--regime", choices=sorted(REGIMES), default="weights")
+    extra.add_argument("--budgets", help="comma list of --auto budgets (default: the regime's)")
     extra.add_argument("--tiny", choices=sorted(TINY_CONFIGS), help="a tiny random-weight model instead of --model")
     mine, rest = extra.parse_known_args(argv)
     args = parse_args(rest)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    res = run(args, mine.budgets.split(","), tuple(mine.formats.split(",")), mine.tiny)
-    stem = Path(args.output) / f"mixed-{res['model']['name']}{'-tiny' if mine.tiny else ''}{args.tag}"
+    budgets = (mine.budgets or REGIMES[mine.regime]["budgets"]).split(",")
+    res = run(args, budgets, mine.regime, mine.tiny)
+    regime = "" if mine.regime == "weights" else f"-{mine.regime}"
+    smoke = "-smoke" if args.smoke else ""
+    stem = Path(args.output) / f"mixed-{res['model']['name']}{'-tiny' if mine.tiny else ''}{regime}{args.tag}{smoke}"
     atomic_write_json(stem.with_suffix(".json"), res)
     md = markdown(res)
     atomic_write_text(stem.with_suffix(".md"), md)

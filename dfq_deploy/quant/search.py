@@ -34,7 +34,9 @@ from dfq_deploy.quant.sensitivity import DEFAULT_CACHE, is_float_format, probe_l
 
 logger = logging.getLogger(__name__)
 
-BUDGET_KINDS = ("bits", "size", "drop", "latency")
+BUDGET_KINDS = ("bits", "abits", "size", "drop", "latency")
+#: Activation quantizers a unit holds, for ``abits``: a Linear's input; an attention group's Q, K, softmax and V.
+ACT_QUANTIZERS = {"linear": 1, "attn": 4}
 #: Formats TensorRT runs, the default candidates: float (FP16), INT8 W8A8, and 4/3/2-bit weight-only grids.
 DEPLOYABLE_FORMATS = ("FP16", "W8A8", "W4A16", "W3A16", "W2A16")
 #: The search's probes are drawn with this seed offset, apart from the export's own estimate probes.
@@ -50,7 +52,9 @@ class AutoConfig(JsonConfig):
 
     Attributes:
         budget: ``KIND:VALUE`` with KIND in :data:`BUDGET_KINDS`: ``bits`` (average weight bits of the block
-            Linears, the grids' bits as Model Optimizer's ``effective_bits``), ``size`` (MB of the whole graph's
+            Linears, the grids' bits as Model Optimizer's ``effective_bits``), ``abits`` (average bits of the
+            activation quantizers, 16 where a unit leaves them float: for the simulated low-bit activation
+            formats, which differ in activations only), ``size`` (MB of the whole graph's
             weights as stored: 2- and 3-bit grids in INT4 containers, the rest FP16), ``drop`` (largest predicted
             top-1 drop, points), ``latency`` (ms, summed from ``cost_table``).
         formats: candidate formats (preset names; ``FP16`` is the float layer). Simulated formats (``W4A4``,
@@ -81,7 +85,7 @@ class AutoConfig(JsonConfig):
         if kind == "latency" and self.cost_table is None:
             raise DfqError("--auto latency needs --cost-table FILE with measured per-unit latencies (no speed model "
                            "is assumed): measure them on the target GPU, or use bits:, size: or drop:")
-        if kind in ("bits", "size", "latency") and value <= 0 or kind == "drop" and value < 0:
+        if kind in ("bits", "abits", "size", "latency") and value <= 0 or kind == "drop" and value < 0:
             raise DfqError(f"--auto {self.budget}: the budget must be positive")
 
     @property
@@ -124,8 +128,10 @@ def _columns(table: dict[str, Any], cost_table: dict[str, Any] | None) -> list[d
                 if ms is None:
                     raise DfqError(f"--cost-table has no latency for {row['name']} in {fmt}: measure it, or leave "
                                    f"{fmt} out of --auto-formats")
+            n_act = ACT_QUANTIZERS[row["kind"]]
             cols.append({"unit": u, "fmt": fmt, "kl": v["kl"], "bytes": v["bytes"],
-                         "bit_params": v["bits"] * row["params"], "ms": ms})
+                         "bit_params": v["bits"] * row["params"], "ms": ms,
+                         "abits": (layer_preset(fmt).a_bits or 16) * n_act, "n_act": n_act})
     return cols
 
 
@@ -154,6 +160,9 @@ def solve(table: dict[str, Any], auto: AutoConfig, rest_bytes: float = 0.0, kl_c
         if kind == "bits":
             total = sum(r["params"] for r in table["units"])
             row, budget = np.array([c["bit_params"] for c in cols]) / total, auto.value
+        elif kind == "abits":
+            total = sum(ACT_QUANTIZERS[r["kind"]] for r in table["units"])
+            row, budget = np.array([c["abits"] for c in cols]) / total, auto.value
         elif kind == "size":
             row, budget = np.array([c["bytes"] for c in cols]), auto.value * 1e6 - rest_bytes
         else:
@@ -164,7 +173,8 @@ def solve(table: dict[str, Any], auto: AutoConfig, rest_bytes: float = 0.0, kl_c
             least = _milp(row, unit_of, n, None, None)
             assert least is not None
             floor = float(row[least].sum()) + (rest_bytes if kind == "size" else 0.0)
-            shown = {"bits": f"{floor:.2f} bits", "size": f"{floor / 1e6:.3f} MB", "latency": f"{floor:.3f} ms"}
+            shown = {"bits": f"{floor:.2f} bits", "abits": f"{floor:.2f} bits", "size": f"{floor / 1e6:.3f} MB",
+                     "latency": f"{floor:.3f} ms"}
             raise DfqError(f"--auto {auto.budget} is below the least the formats {','.join(auto.formats)} allow "
                            f"({shown[kind]}): raise the budget or add a smaller format")
     if x is None:
@@ -234,6 +244,8 @@ def auto_quant_config(model: nn.Module, calib: torch.Tensor, auto: AutoConfig, s
     report = {
         "budget": auto.budget, "formats": list(auto.formats), "units": units,
         "effective_bits": sum(u["bits"] * by_name[u["unit"]]["params"] for u in units) / params,
+        "activation_bits": sum((layer_preset(u["format"]).a_bits or 16) * ACT_QUANTIZERS[u["kind"]] for u in units)
+        / sum(ACT_QUANTIZERS[u["kind"]] for u in units),
         "weight_bytes": sum(u["bytes"] for u in units) + rest,
         "summed_kl": sum(u["kl"] for u in units),
         "counts": {f: sum(u["format"] == f for u in units) for f in auto.formats},

@@ -139,3 +139,16 @@ def test_latency_budget_uses_the_measured_cost_table_only():
     del cost["units"]["b"]["W2A16"]
     with pytest.raises(DfqError, match="no latency for b in W2A16"):
         solve(_table(), auto, cost_table=cost)
+
+
+def test_activation_bits_budget_counts_each_activation_quantizer():
+    def fmts(kls):
+        return {f: {"kl": kl, "drop": 0.0, "bits": 4.0, "bytes": 50.0}
+                for f, kl in zip(("W4A8", "W4A4"), kls, strict=True)}
+    table = {"units": [{"name": "l", "kind": "linear", "params": 100, "formats": fmts([0.0, 1.0])},
+                       {"name": "att", "kind": "attn", "params": 0, "formats": fmts([0.0, 0.1])}],
+             "seconds": 0.0, "cached": None}
+    auto = AutoConfig(budget="abits:4.8", formats=("W4A8", "W4A4"), cache_dir=None)
+    assert solve(table, auto) == {"l": "W4A8", "att": "W4A4"}  # (8 + 4 x 4) / 5 = 4.8 bits
+    with pytest.raises(DfqError, match=r"\(4.00 bits\)"):
+        solve(table, auto.with_(budget="abits:3"))
