@@ -19,6 +19,13 @@ RangeMethod = Literal["minmax", "percentile", "mse"]
 _RANGES = ("minmax", "percentile", "mse")
 #: Activation grids: ``symmetric`` (zero point 0, deployable) or ``asymmetric`` (affine, simulation only).
 A_GRIDS = ("symmetric", "asymmetric")
+#: Number formats of weights and activations: ``int`` (the integer grids, the default), ``fp8`` (FP8 E4M3: per-channel
+#: weights, per-tensor activations, scale = amax / 448) or ``nvfp4`` (FP4 E2M1 in blocks of 16 along the input dim with
+#: an FP8 E4M3 scale per block and an FP32 global scale). NVIDIA's definitions: TensorRT developer guide, "Working with
+#: Quantized Types" / "Quantization Schemes" (10.x, 11.x); Model Optimizer's FP8_DEFAULT_CFG / NVFP4_DEFAULT_CFG.
+FORMATS = ("int", "fp8", "nvfp4")
+#: Block size of NVFP4 (fixed by the format: TensorRT's FP4 block quantization and Model Optimizer's NVFP4).
+NVFP4_BLOCK = 16
 #: Where activation ranges are observed: ``float`` (the full-precision model) or ``sequential`` (each block's
 #: quantizers on the inputs the quantized model gives them, block by block in forward order).
 A_CALIBS = ("float", "sequential")
@@ -83,6 +90,12 @@ class QuantConfig(JsonConfig):
             or None to keep the head in float. The deployable weight-only presets keep it in float (FP16 in the
             graph): TensorRT documents weight-only quantization only for INT4 blocked weights, and an INT8
             weight-only Gemm is refused by the linter (rule ``weight-only-int8``).
+        w_format: weight number format, :data:`FORMATS`: ``int`` (integer grid of ``w_bits``), ``fp8`` (FP8 E4M3, per
+            channel, ``w_bits`` 8) or ``nvfp4`` (FP4 E2M1 blocks of 16 with FP8 block scales and an FP32 global scale,
+            ``w_bits`` 4, ``blockwise``, ``block_size`` 16).
+        a_format: activation number format, :data:`FORMATS`: ``int``, ``fp8`` (per-tensor FP8 E4M3, ``a_bits`` 8) or
+            ``nvfp4`` (dynamic FP4 blocks of 16 along the last dim, FP8 block scales computed at run time, a calibrated
+            FP32 global scale; ``a_bits`` 4).
         layers: per-layer overrides (mixed precision): module name or ``fnmatch`` pattern -> a preset name
             (``"W4A16"``; ``"FP16"`` keeps the layer in float) or a dict of field changes to this config
             (``{"w_bits": 3}``). A quantizable unit is a block Linear (``blocks.0.attn.qkv``: its weight and
@@ -106,6 +119,8 @@ class QuantConfig(JsonConfig):
     io_bits: int | None = None
     head_w_bits: int | None = None
     layers: dict[str, str | dict[str, Any]] | None = None
+    w_format: str = "int"
+    a_format: str = "int"
     version: int = CONFIG_VERSION
 
     what: ClassVar[str] = "quantization config"
@@ -138,11 +153,32 @@ class QuantConfig(JsonConfig):
             raise DfqError(f"a_percentile={self.a_percentile} must be in (50, 100]")
         if self.version != CONFIG_VERSION:
             raise DfqError(f"config version {self.version} is not supported (this build reads {CONFIG_VERSION})")
+        self._check_formats()
         if self.layers is not None:
             if not isinstance(self.layers, dict):
                 raise DfqError("layers must map module names (or patterns) to a preset name or a dict of changes")
             for pattern, value in self.layers.items():
                 self._layer_value(pattern, value)  # validates
+
+    def _check_formats(self) -> None:
+        for attr, bits in (("w_format", self.w_bits), ("a_format", self.a_bits)):
+            fmt = getattr(self, attr)
+            if fmt not in FORMATS:
+                raise DfqError(f"{attr} '{fmt}' is unknown: use one of {', '.join(FORMATS)}")
+            want = {"fp8": 8, "nvfp4": 4}.get(fmt)
+            if want is not None and bits is not None and bits != want:
+                raise DfqError(f"{attr} {fmt} has {want} bits: set {attr[0]}_bits={want}")
+        if self.w_format == "fp8" and self.w_bits is not None and self.w_granularity != "per_channel":
+            raise DfqError("fp8 weights are per channel: set w_granularity='per_channel'")
+        if self.w_format == "nvfp4" and self.w_bits is not None and (
+                self.w_granularity != "blockwise" or self.block_size != NVFP4_BLOCK):
+            raise DfqError(f"nvfp4 weights are blocks of {NVFP4_BLOCK}: set w_granularity='blockwise', "
+                           f"block_size={NVFP4_BLOCK}")
+        if self.a_format != "int" and self.a_bits is not None and (self.a_grid != "symmetric" or self.attn_log2):
+            raise DfqError(f"a_format {self.a_format} is symmetric: drop a_grid={self.a_grid} / attn_log2")
+        if self.a_format == "nvfp4" and self.a_bits is not None and self.a_range == "mse":
+            raise DfqError("nvfp4 activations: the global scale comes from the tensor's max (a_range minmax or "
+                           "percentile); the block scales are computed at run time")
 
     def __hash__(self) -> int:  # ``layers`` is a dict: hash the JSON form
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -190,7 +226,7 @@ class QuantConfig(JsonConfig):
 
     #: Fields added after the first release, left out of :meth:`key_dict` while at their defaults (which behave as
     #: before they existed), so that cached results keyed on a config stay valid.
-    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("a_grid", "a_calib", "io_bits", "layers")
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("a_grid", "a_calib", "io_bits", "layers", "w_format", "a_format")
 
     def key_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the later fields that are at their defaults: what result caches key on."""
@@ -204,9 +240,33 @@ class QuantConfig(JsonConfig):
             return all(c._deployable_uniform() for c in self._all_layer_configs())
         return self._deployable_uniform()
 
+    @property
+    def formats(self) -> set[str]:
+        """The number formats some layer uses (weights or activations), e.g. ``{"int"}`` or ``{"fp8"}``."""
+        out = set()
+        for c in self._all_layer_configs():
+            out |= {c.w_format} if c.w_bits is not None else set()
+            out |= {c.a_format} if c.a_bits is not None else set()
+        return out
+
+    @property
+    def runs_in_ort(self) -> bool:
+        """True when ONNX Runtime (CPU) can run the exported graph: every format but NVFP4 (ORT 1.32 has no FP4
+        kernels; the graph's weight path runs in ``onnx.reference.ReferenceEvaluator``, its dynamic FP4 activation
+        quantization only in TensorRT)."""
+        return "nvfp4" not in self.formats
+
     def _deployable_uniform(self) -> bool:
         if self.attn_log2 or self.a_grid != "symmetric" or self.io_bits is not None:
             return False
+        if self.w_format != "int" or self.a_format != "int":
+            # TensorRT quantizes activations and weights for FP8 and FP4 (both together); weight-only quantization is
+            # supported for INT4 only (developer guide 10.11+, "Working with Quantized Types": "TensorRT quantizes
+            # activations and weights for INT8, FP8, and FP4. Weight-only quantization is supported for INT4.").
+            # So FP8 W8A8 and NVFP4 W4A4 deploy; FP4 weight-only (NVFP4-W4A16) and INT4 weights with FP8 activations
+            # (W4A8-FP8) have no documented TensorRT route.
+            same = self.w_format == self.a_format and self.w_bits is not None and self.a_bits is not None
+            return same and self.head_w_bits is None
         if self.a_bits is None:  # weight-only: 2..4 bits in a blocked INT4 container, the one form TensorRT
             # documents for weight-only quantization (an INT8 weight-only matmul is not: lint's weight-only-int8)
             return self.w_bits is None or (self.w_bits <= 4 and self.w_granularity == "blockwise"
@@ -246,8 +306,9 @@ DEFAULT_CALIB = "dfqvit"
 DEFAULT_SYNTH_ITERS = 200
 
 
-#: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16. Simulated: W3A3, W4A3, W4A4, W5A5, W6A6, W4A8
-#: (4-bit weights with INT8 activations: TensorRT has no such kernel for explicit QDQ graphs), and the papers'
+#: Named presets. Deployable: FP32, W8A8, W4A16, W3A16, W2A16, FP8 (Ada/Hopper/Thor/Blackwell), NVFP4
+#: (Blackwell/Thor). Simulated: W3A3, W4A3, W4A4, W5A5, W6A6, NVFP4-W4A16, W4A8 (4-bit weights with INT8
+#: activations: TensorRT has no such kernel for explicit QDQ graphs), and the papers'
 #: protocol ``W<w>A<a>-paper`` (:func:`_paper`), whose numbers compare with the papers' tables.
 PRESETS: dict[str, QuantConfig] = {
     "FP32": QuantConfig(name="FP32", w_bits=None, a_bits=None),
@@ -261,6 +322,18 @@ PRESETS: dict[str, QuantConfig] = {
     "W5A5": _sim("W5A5", 5, 5),
     "W6A6": _sim("W6A6", 6, 6),
     "W4A8": _sim("W4A8", 4, 8),
+    # FP8 (E4M3) W8A8: per-channel weights with scale amax / 448, per-tensor activations on every matmul input (the
+    # INT8 places); the softmax output's scale is fixed to 1 / 448 (amax 1), as Model Optimizer exports it. The
+    # activation range method was picked by measurement (README, "Formats").
+    "FP8": QuantConfig(name="FP8", w_bits=8, w_format="fp8", w_range="minmax", a_bits=8, a_format="fp8",
+                       a_scope="matmul", a_range="minmax"),
+    # NVFP4 W4A4: the Linear layers' weights and inputs (Model Optimizer's NVFP4_DEFAULT_CFG quantizes Linear inputs
+    # and weights; the attention matmuls stay FP16); weights' block scales from each block's max.
+    "NVFP4": QuantConfig(name="NVFP4", w_bits=4, w_format="nvfp4", w_granularity="blockwise", block_size=16,
+                         w_range="minmax", a_bits=4, a_format="nvfp4", a_scope="linear", a_range="minmax"),
+    # NVFP4 weights only, FP16 activations: simulated (TensorRT documents weight-only quantization for INT4 only).
+    "NVFP4-W4A16": QuantConfig(name="NVFP4-W4A16", w_bits=4, w_format="nvfp4", w_granularity="blockwise",
+                               block_size=16, w_range="minmax", a_bits=None),
     **{p.name: p for p in (_paper(3, 3), _paper(4, 3), _paper(4, 4), _paper(5, 5), _paper(6, 6))},
 }
 
@@ -287,6 +360,8 @@ SYNTH_PRECISIONS = ("fp32", "bf16")
 
 #: ``export --bits`` -> preset. 16 and 32 are float reference exports.
 EXPORT_BITS: dict[int, str] = {8: "W8A8", 4: "W4A16", 3: "W3A16", 32: "FP32", 16: "FP32"}
+#: ``export --bits`` names of the float formats -> preset.
+EXPORT_FORMATS: dict[str, str] = {"fp8": "FP8", "nvfp4": "NVFP4", "fp4": "NVFP4"}
 
 
 #: Names a per-layer override may use for a float layer (FP16 in the graph, like the rest of the graph).
@@ -308,15 +383,21 @@ def preset(name: str) -> QuantConfig:
     return by_key[name.upper()]
 
 
-def preset_for_bits(bits: int) -> QuantConfig:
+def preset_for_bits(bits: int | str) -> QuantConfig:
     """The deployable preset for ``export --bits``.
 
     Raises:
         DfqError: bit widths without a deployable kernel (for example 5); those belong to the benchmark.
     """
+    if isinstance(bits, str):
+        if bits.lower() in EXPORT_FORMATS:
+            return PRESETS[EXPORT_FORMATS[bits.lower()]]
+        if not bits.isdigit():
+            raise DfqError(f"--bits {bits} is unknown: use 8, 4, 3, 16, 32, fp8 or nvfp4")
+        bits = int(bits)
     if bits not in EXPORT_BITS:
         raise DfqError(
-            f"--bits {bits} has no deployable TensorRT kernel: use 8 (W8A8), 4 (W4A16), 3 (W3A16), "
+            f"--bits {bits} has no deployable TensorRT kernel: use 8 (W8A8), 4 (W4A16), 3 (W3A16), fp8, nvfp4, "
             "16 or 32; simulated bit widths are in experiments/accuracy.py"
         )
     return PRESETS[EXPORT_BITS[bits]]

@@ -15,7 +15,8 @@ def test_presets_round_trip_json(name):
 
 
 def test_deployable_flags():
-    assert {n for n, c in PRESETS.items() if c.deployable} == {"FP32", "W8A8", "W4A16", "W3A16", "W2A16"}
+    want = {"FP32", "W8A8", "W4A16", "W3A16", "W2A16", "FP8", "NVFP4"}
+    assert {n for n, c in PRESETS.items() if c.deployable} == want
     assert not preset("W8A8").with_(attn_log2=True).deployable
     assert not preset("W8A8").with_(a_grid="asymmetric").deployable
     assert not preset("W8A8").with_(io_bits=8).deployable
@@ -69,6 +70,7 @@ def test_papers_protocol_presets():
 
 def test_key_dict_leaves_out_later_fields_at_their_defaults():
     cfg = PRESETS["W4A3"]
-    assert set(cfg.to_dict()) - set(cfg.key_dict()) == {"a_grid", "a_calib", "io_bits", "layers"}
+    later = {"a_grid", "a_calib", "io_bits", "layers", "w_format", "a_format"}
+    assert set(cfg.to_dict()) - set(cfg.key_dict()) == later
     changed = cfg.with_(a_calib="sequential").key_dict()
     assert changed["a_calib"] == "sequential" and "a_grid" not in changed

@@ -64,7 +64,7 @@ class QuantLinear(nn.Linear):
             block = None
             if cfg.w_granularity == "blockwise":
                 block = _fit_block(cfg.block_size, lin.in_features)
-            new.weight_quantizer = WeightQuantizer(cfg.w_bits, block, cfg.w_range)
+            new.weight_quantizer = WeightQuantizer(cfg.w_bits, block, cfg.w_range, fmt=cfg.w_format)
         new.input_quantizer = None
         if cfg.a_bits is not None:
             new.input_quantizer = _act_quantizer(cfg)
@@ -116,7 +116,8 @@ class QuantConv2d(nn.Conv2d):
 
 def _act_quantizer(cfg: QuantConfig, log2: bool = False) -> ActQuantizer:
     assert cfg.a_bits is not None
-    return ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile, log2=log2, asymmetric=cfg.a_grid == "asymmetric")
+    return ActQuantizer(cfg.a_bits, cfg.a_range, cfg.a_percentile, log2=log2, asymmetric=cfg.a_grid == "asymmetric",
+                        fmt=cfg.a_format)
 
 
 @functools.cache
@@ -142,6 +143,9 @@ def _attach_attn_quantizers(attn: nn.Module, cfg: QuantConfig) -> None:
     attn.q_quant = _act_quantizer(cfg)
     attn.k_quant = _act_quantizer(cfg)
     attn.p_quant = _act_quantizer(cfg, log2=cfg.attn_log2)
+    if cfg.a_format == "fp8":  # the softmax output's FP8 scale is fixed to 1 / 448 (amax 1.0), as Model Optimizer
+        # exports it (modelopt/torch/quantization/export_onnx.py: "Softmax's output scale is hard coded to 1.0")
+        attn.p_quant.fixed_range = (0.0, 1.0)
     attn.v_quant = _act_quantizer(cfg)
     fwd = _vit_attention_forward if isinstance(attn, Attention) else _swin_attention_forward
     attn.forward = types.MethodType(fwd, attn)

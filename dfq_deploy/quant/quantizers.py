@@ -12,6 +12,19 @@ Two activation grids exist for research presets only (no deployable kernel: Tens
   instead of half of them (the papers' uniform quantizer, SPDFQ Eq. 1).
 * ``log2`` (softmax outputs): ``2^-round(-log2 x)`` with ``2^b - 1`` exponents and a fixed scale of 1, which
   needs no calibration data (SPDFQ Eq. 2, RepQ-ViT).
+
+Two float formats (``fmt``, :data:`dfq_deploy.config.FORMATS`), as TensorRT defines them ("Quantization Schemes",
+TensorRT 10.x/11.x developer guide):
+
+* ``fp8``: ``castToFp8(clip(x / s, -448, 448)) * s`` with round-to-nearest-even; ``torch.float8_e4m3fn`` after the
+  clamp computes exactly that, and ONNX Runtime 1.32's ``QuantizeLinear`` with a FLOAT8E4M3FN zero point
+  (saturate=1) agrees bit for bit in FP32 and FP16 graphs (tests/quant/test_fp_formats.py). Scale = amax / 448.
+* ``nvfp4``: E2M1 values ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}`` (round to nearest, ties to even, saturating at 6) in
+  blocks of 16 along the last dim; each block's scale ``s_b = fp8(amax_b / 6 / g) * g`` is an FP8 E4M3 value times an
+  FP32 global scale ``g = amax / (6 * 448)`` (two-level scaling; Model Optimizer's
+  ``NVFP4QTensor`` / ``modelopt.onnx.quantization.quant_utils.get_weights_scaling_factor[_2]``). Weights: block
+  scales fixed at calibration; activations: block scales computed from the values at run time (TensorRT's dynamic
+  quantization), only the global scale is calibrated.
 """
 
 from __future__ import annotations
@@ -45,13 +58,82 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     return q
 
 
+#: Largest finite FP8 E4M3 (FN) value, and of FP4 E2M1.
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+#: Elements per NVFP4 block.
+NVFP4_BLOCK = 16
+
+
+def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return x + (q - x).detach() if x.requires_grad else q
+
+
+def round_fp8(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to FP8 E4M3 (nearest, ties to even, saturating at +-448), in ``v``'s dtype."""
+    return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(v.dtype)
+
+
+def round_fp4(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to FP4 E2M1 (nearest, ties to even, saturating at +-6), in ``v``'s dtype.
+
+    E2M1 steps are 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]: rounding ``v / step`` half-to-even is rounding to the
+    nearest code with ties to the even mantissa.
+    """
+    v = v.clamp(-FP4_MAX, FP4_MAX)
+    a = v.abs()
+    step = torch.where(a < 2, torch.full_like(a, 0.5), torch.where(a < 4, torch.ones_like(a), torch.full_like(a, 2.0)))
+    return torch.round(v / step) * step
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``castToFp8(clip(x / scale, -448, 448)) * scale``; straight-through gradient."""
+    return _ste(x, round_fp8(x / scale) * scale)
+
+
+def nvfp4_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Effective per-block scales ``fp8(amax_b / 6 / g) * g`` of ``x`` grouped as ``[..., nblocks, 16]`` (shape
+    ``[..., nblocks, 1]``); a block of zeros gets scale 0 (its values stay 0)."""
+    amax = x.detach().abs().amax(-1, keepdim=True)
+    return round_fp8(amax / FP4_MAX / global_scale) * global_scale
+
+
+def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, block_scale: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """NVFP4 fake quantization of ``x`` along its last dim in blocks of 16 (dynamic block scales unless given as
+    ``[..., nblocks, 1]``)."""
+    shape = x.shape
+    if shape[-1] % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4: the last dim {shape[-1]} is not a multiple of {NVFP4_BLOCK}")
+    xb = x.reshape(*shape[:-1], shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    s = nvfp4_block_scales(xb, global_scale) if block_scale is None else block_scale
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.where(s > 0, round_fp4(xb / safe) * s, torch.zeros_like(xb))
+    return _ste(x, q.reshape(shape).to(x.dtype))
+
+
+def fake_quant_fmt(x: torch.Tensor, scale: torch.Tensor, bits: int, fmt: str = "int") -> torch.Tensor:
+    """:func:`fake_quant` on the grid of ``fmt`` (``int``, ``fp8``; ``nvfp4``: ``scale`` is the global scale)."""
+    if fmt == "fp8":
+        return fake_quant_fp8(x, scale)
+    if fmt == "nvfp4":
+        return fake_quant_nvfp4(x, scale)
+    return fake_quant(x, scale, bits)
+
+
+def grid_max(bits: int, fmt: str = "int") -> float:
+    """Largest grid value: ``2^(b-1) - 1`` (int), 448 (fp8), 6 * 448 (nvfp4's global scale: amax / (6 * 448))."""
+    return {"fp8": FP8_MAX, "nvfp4": FP4_MAX * FP8_MAX}.get(fmt, float(qrange(bits)[1]))
+
+
 def quant_int(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The integers ``clamp(round(x / scale))`` that a deployed graph stores."""
     qmin, qmax = qrange(bits)
     return torch.clamp(torch.round(x / scale), qmin, qmax)
 
 
-def search_scale(x: torch.Tensor, bits: int, method: str, percentile: float = 99.99) -> torch.Tensor:
+def search_scale(x: torch.Tensor, bits: int, method: str, percentile: float = 99.99, fmt: str = "int"
+                 ) -> torch.Tensor:
     """Scale(s) for ``x`` grouped along its last dim: x is ``[..., n]`` and one scale per leading index.
 
     Args:
@@ -60,12 +142,14 @@ def search_scale(x: torch.Tensor, bits: int, method: str, percentile: float = 99
         method: ``minmax`` (max |x|), ``percentile`` (that percentile of |x|) or ``mse`` (the clipping
             ratio of max |x| that minimises the squared quantization error, searched per group).
         percentile: used by ``percentile``.
+        fmt: the grid, ``int`` or ``fp8`` (``mse`` then measures the error on the FP8 grid); ``nvfp4`` for an
+            NVFP4 global scale (``amax / (6 * 448)``).
 
     Returns:
         Strictly positive scales of shape ``x.shape[:-1]``.
     """
     x = x.detach().float()
-    qmax = qrange(bits)[1]
+    qmax = grid_max(bits, fmt)
     amax = x.abs().amax(-1)
     if method == "percentile":
         k = max(1, min(x.shape[-1], math.ceil(x.shape[-1] * percentile / 100.0)))
@@ -76,7 +160,7 @@ def search_scale(x: torch.Tensor, bits: int, method: str, percentile: float = 99
         for ratio in torch.linspace(1.0, 0.2, _CLIP_CANDIDATES):
             clip = amax * ratio
             scale = (clip / qmax).clamp_min(1e-12).unsqueeze(-1)
-            err = (fake_quant(x, scale, bits) - x).pow(2).mean(-1)
+            err = (fake_quant_fmt(x, scale, bits, fmt) - x).pow(2).mean(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, clip, best)
@@ -141,15 +225,20 @@ class WeightQuantizer(nn.Module):
         bits: grid bits (a 2/3-bit grid is stored in an INT4 container on export).
         block_size: None for per-channel; otherwise the number of input elements per block.
         method: range search method.
+        fmt: ``int``, ``fp8`` (per channel, scale = amax / 448, or the MSE clip on the FP8 grid) or ``nvfp4`` (blocks
+            of 16; ``scale`` holds the effective block scales ``fp8 block scale x global_scale``, and
+            ``global_scale`` the FP32 global scale ``amax / (6 * 448)``).
     """
 
-    def __init__(self, bits: int, block_size: int | None = None, method: str = "mse") -> None:
+    def __init__(self, bits: int, block_size: int | None = None, method: str = "mse", fmt: str = "int") -> None:
         super().__init__()
         self.bits = bits
         self.block_size = block_size
         self.method = method
+        self.fmt = fmt
         self.enabled = True
         self.register_buffer("scale", torch.empty(0), persistent=True)
+        self.register_buffer("global_scale", torch.empty(0), persistent=True)
 
     @property
     def calibrated(self) -> bool:
@@ -166,7 +255,14 @@ class WeightQuantizer(nn.Module):
         """Choose scales for weight ``w`` (shape ``[out, in]``)."""
         if self.block_size is not None and w.shape[1] % self.block_size:
             raise ValueError(f"block size {self.block_size} does not divide the input dim {w.shape[1]}")
-        self.scale = search_scale(self._grouped(w), self.bits, self.method)
+        if self.fmt == "nvfp4":
+            if self.block_size != NVFP4_BLOCK:
+                raise ValueError(f"nvfp4 weights need blocks of {NVFP4_BLOCK}, got {self.block_size}")
+            amax = w.detach().float().abs().max()
+            self.global_scale = torch.where(amax > 0, amax / (FP4_MAX * FP8_MAX), torch.ones_like(amax))
+            self.scale = nvfp4_block_scales(self._grouped(w), self.global_scale).squeeze(-1)
+            return
+        self.scale = search_scale(self._grouped(w), self.bits, self.method, fmt=self.fmt)
 
     def full_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Scales broadcast to ``w``'s shape grouping (``[out, 1]`` or ``[out, nblocks, 1]``)."""
@@ -175,15 +271,30 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not self.calibrated:
             return w
+        if self.fmt == "nvfp4":
+            return fake_quant_nvfp4(w, self.global_scale, self.full_scale(w))
+        if self.fmt == "fp8":
+            return fake_quant_fp8(w, self.full_scale(w))
         return fake_quant(self._grouped(w), self.full_scale(w), self.bits).reshape(w.shape)
 
     def integers(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer weights, same shape as ``w``."""
-        return quant_int(self._grouped(w), self.full_scale(w), self.bits).reshape(w.shape)
+        """The values a deployed graph stores, same shape as ``w``: integers, or FP8 / FP4 grid values (as float32;
+        an NVFP4 block of scale 0 stores zeros)."""
+        s = self.full_scale(w)
+        if self.fmt == "fp8":
+            return round_fp8(w / s)
+        if self.fmt == "nvfp4":
+            return torch.where(s > 0, round_fp4(self._grouped(w) / torch.where(s > 0, s, torch.ones_like(s))),
+                               torch.zeros_like(self._grouped(w))).reshape(w.shape)
+        return quant_int(self._grouped(w), s, self.bits).reshape(w.shape)
+
+    def block_scales_fp8(self) -> torch.Tensor:
+        """NVFP4: the FP8 block scales (FP8 E4M3 values as float32, ``[out, nblocks]``), ``scale / global_scale``."""
+        return round_fp8(self.scale / self.global_scale)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.block_size is None else f"block={self.block_size}"
-        return f"bits={self.bits}, {gran}, method={self.method}"
+        return f"bits={self.bits}, {gran}, method={self.method}" + ("" if self.fmt == "int" else f", {self.fmt}")
 
 
 class ActQuantizer(nn.Module):
@@ -198,12 +309,15 @@ class ActQuantizer(nn.Module):
         percentile: for ``percentile``.
         log2: use a log2 grid for non-negative inputs (softmax outputs; simulation only, not deployable).
         asymmetric: use an affine grid with a zero point (simulation only, not deployable).
+        fmt: ``int``, ``fp8`` (per-tensor FP8 E4M3, scale from ``method`` on the FP8 grid) or ``nvfp4`` (``scale`` is
+            the global scale ``amax / (6 * 448)``; block scales are computed from the values at run time).
     """
 
     def __init__(self, bits: int, method: str = "percentile", percentile: float = 99.99, log2: bool = False,
-                 asymmetric: bool = False) -> None:
+                 asymmetric: bool = False, fmt: str = "int") -> None:
         super().__init__()
         self.bits = bits
+        self.fmt = fmt
         self.method = method
         self.percentile = percentile
         self.log2 = log2
@@ -267,7 +381,7 @@ class ActQuantizer(nn.Module):
         elif self.asymmetric:
             self.scale, self.zero_point = search_affine(values, self.bits, method, self.percentile)
         else:
-            scale = search_scale(values.unsqueeze(0), self.bits, method, self.percentile)[0]
+            scale = search_scale(values.unsqueeze(0), self.bits, method, self.percentile, fmt=self.fmt)[0]
             self.scale = scale.reshape(())
         self.observing = False
         self.reset_observer()
@@ -285,9 +399,10 @@ class ActQuantizer(nn.Module):
             return x + (q - x).detach() if x.requires_grad else q
         if self.asymmetric:
             return fake_quant_affine(x, self.scale, self.zero_point, self.bits)
-        return fake_quant(x, self.scale, self.bits)
+        return fake_quant_fmt(x, self.scale, self.bits, self.fmt)
 
     def extra_repr(self) -> str:
         grid = ", log2" if self.log2 else ", asymmetric" if self.asymmetric else ""
+        grid += "" if self.fmt == "int" else f", {self.fmt}"
         return f"bits={self.bits}, method={self.method}{grid}"
 
