@@ -6,6 +6,12 @@ matmuls. :func:`to_fp16` converts every float tensor of an exported graph to FP1
 affines, Q/DQ scales, which ONNX allows in FP16 from opset 19), leaves INT8/INT4 integers and zero points as they
 are, and keeps the graph's input and output FP32 with one ``Cast`` each, so apps still feed float32.
 
+FP8 and FP4 tensors are not float to the converter, so FLOAT8E4M3FN / FLOAT4E2M1 weights and zero points stay as they
+are; FP8 Q/DQ scales become FP16 like INT8 ones (Model Optimizer's FP8 export writes its scales in the graph's
+16-bit type: ``_fp8_quantize`` / ``_fp8_dequantize``, "TRT StronglyType only supports FP16 QDQs"). NVFP4's nodes
+(:func:`~dfq_deploy.export.onnx.nvfp4_nodes`) stay FP32 with a ``Cast`` to FP16 before the MatMul, as in Model
+Optimizer's NVFP4 graphs (FP32 global scales; ``nvfp4_exporter`` casts the MatMul inputs to the 16-bit type).
+
 The converter is onnxconverter-common's ``convert_float_to_float16`` (ONNX's own converter package, a few
 pure-Python dependencies): it converts initializers, ``Constant`` nodes, ``Cast`` targets and value infos, and
 only touches float tensors, which is exactly the QDQ rule. Nodes whose values are too large for FP16 stay FP32
@@ -114,7 +120,7 @@ def _log_subnormal_scales(proto: onnx.ModelProto) -> None:
     the graph with the model's scales rounded the same way)."""
     consts = {t.name: t for t in proto.graph.initializer}
     scales = {n.input[1] for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    small = [name for name in scales if name in consts
+    small = [name for name in scales if name in consts and consts[name].data_type == TensorProto.FLOAT16
              and float(np.abs(numpy_helper.to_array(consts[name]).astype(np.float32)).min()) < FP16_MIN_NORMAL]
     if small:
         logger.warning("%d Q/DQ scale tensor(s) hold values below FP16's normal range (%.3g), e.g. %s: they keep "

@@ -18,7 +18,17 @@ Rules (NVIDIA's NvInfer.h / onnx-tensorrt importer / TensorRT docs, summarised i
   output of the second (P·V: the one fed by the softmax) feeds a ``QuantizeLinear``: TensorRT's fused INT8
   attention needs Q/DQ before the first batched matmul, after the softmax and after the second batched matmul
   (TensorRT developer guide, quoted in NVIDIA/TensorRT issues 2981 and 4167);
-* ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops);
+* ``domain``: only standard-domain ops (TensorRT cannot parse ``com.microsoft`` ops), and exactly one TensorRT op:
+  ``trt::TRT_FP4DynamicQuantize`` with ``axis=-1``, ``block_size=16``, ``scale_type=FLOAT8E4M3FN``, the dynamic FP4
+  block quantization of NVFP4 activations as Model Optimizer exports it
+  (``modelopt/torch/quantization/export_onnx.py``, ``_fp4_dynamic_quantize``), followed by its two DequantizeLinear;
+* ``fp8``: FP8 (FLOAT8E4M3FN) Q/DQ per tensor on activations, per channel (1-D scale) or per tensor on weights,
+  never blocked; opset >= 19 (TensorRT "Working with Quantized Types": FP8 quantizes weights per tensor or per
+  channel and activations per tensor; FLOAT8E4M3FN Q/DQ are ONNX opset 19);
+* ``fp4``: FP4 (FLOAT4E2M1) only in a ``DequantizeLinear`` blocked with block size 16 along the last (input)
+  dimension, whose scale is itself ``DequantizeLinear(FP8 block scales, constant scalar global scale)`` (two-level
+  NVFP4 scaling, Model Optimizer's ``nvfp4_exporter``); the FP4 values are a 2-D constant (weights) or the first
+  output of ``TRT_FP4DynamicQuantize`` (activations); opset >= 23 (FLOAT4E2M1 ``DequantizeLinear``, ONNX 1.18);
 * ``weight-only-int8``: a MatMul/Gemm whose weight is dequantized from INT8 while its activation input is not
   dequantized. TensorRT documents weight-only quantization for INT4 blocked weights only (developer guide,
   "Working with Quantized Types": weight-only quantization (WoQ) with INT4 block quantization); an INT8 weight
@@ -46,6 +56,10 @@ _SIGNED = {TensorProto.INT8, TensorProto.INT4}
 _UNSIGNED = {TensorProto.UINT8, TensorProto.UINT4, TensorProto.UINT16, TensorProto.INT16}
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _HALF_SCALES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_FP8, _FP4 = TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT4E2M1
+#: The one TensorRT-domain op an exported graph may hold, with the attributes Model Optimizer gives it.
+TRT_OPS = {("trt", "TRT_FP4DynamicQuantize"): {"axis": -1, "block_size": 16, "scale_type": TensorProto.FLOAT8E4M3FN}}
+NVFP4_BLOCK = 16
 #: Rules whose violation makes a slower engine, not a graph TensorRT refuses: reported, never raised.
 ADVISORY_RULES = frozenset({"mha"})
 
@@ -102,19 +116,56 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
     out: list[Violation] = []
     uses_int4_or_blocks = False
     half_scale = ""
+    fp8_at = fp4_at = ""
+    producers = {o: n for n in graph.node for o in n.output}
+    dq_scales = {n.input[1] for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 1}
+    shapes: dict[str, int] = {}
+
+    def ranks() -> dict[str, int]:  # tensor ranks from shape inference, computed once when needed
+        if not shapes:
+            inferred = onnx.shape_inference.infer_shapes(proto).graph
+            for v in [*inferred.value_info, *inferred.input, *inferred.output]:
+                if v.type.tensor_type.HasField("shape"):
+                    shapes[v.name] = len(v.type.tensor_type.shape.dim)
+            shapes[""] = 0
+        return shapes
 
     for i, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}#{i}"
         if node.domain not in _STANDARD_DOMAINS:
-            out.append(Violation("domain", name, f"op {node.domain}::{node.op_type} is not a standard ONNX op"))
+            want = TRT_OPS.get((node.domain, node.op_type))
+            if want is None:
+                out.append(Violation("domain", name, f"op {node.domain}::{node.op_type} is not a standard ONNX op "
+                                     "(the one TensorRT op allowed is trt::TRT_FP4DynamicQuantize)"))
+            else:
+                got = {k: _attr(node, k, -99) for k in want}
+                if got != want:
+                    out.append(Violation("fp4", name, f"{node.op_type} attributes {got}, expected {want}"))
+                rank = ranks().get(node.input[0])
+                if rank is not None and rank not in (2, 3):  # TensorRT operator reference, "DynamicQuantize"
+                    out.append(Violation("fp4", name, f"{node.op_type} input of rank {rank}: TensorRT's dynamic "
+                                         "quantization takes 2-D or 3-D tensors"))
+                if node.input[1] not in consts:
+                    out.append(Violation("fp4", name, "the double-quantization scale must be a build-time constant"))
+                fp4_at = fp4_at or name
             continue
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         is_q = node.op_type == "QuantizeLinear"
         data = node.input[0]
         data_const = data in consts
-        # scale
         scale_name = node.input[1] if len(node.input) > 1 else ""
+        fp4_src = _fp4_source(data, consts, producers)
+        if not is_q and fp4_src is not None:  # NVFP4 values: a two-level scale, checked on its own
+            fp4_at = fp4_at or name
+            out += _fp4_violations(name, node, fp4_src, scale_name, consts, producers)
+            continue
+        if not is_q and _is_fp8_block_scale(node, consts, producers, dq_scales):  # first DQ of an NVFP4 scale
+            scale = numpy_helper.to_array(consts[scale_name]) if scale_name in consts else None
+            if scale is None or scale.size != 1 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+                out.append(Violation("fp4", name, "NVFP4 global scale must be a constant positive scalar"))
+            continue
+        # scale
         if scale_name not in consts:
             out.append(Violation("scale", name, "scale is not a constant"))
             scale = None
@@ -152,6 +203,13 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
             qtype = consts[data].data_type
         if qtype in _UNSIGNED:
             out.append(Violation("signed", name, f"{TensorProto.DataType.Name(qtype)} is not supported: use INT8/INT4"))
+        if qtype == _FP8:
+            fp8_at = fp8_at or name
+            if block:
+                out.append(Violation("fp8", name, "blocked FP8 (de)quantization: TensorRT's FP8 is per tensor or per "
+                                     "channel"))
+        elif qtype == _FP4:
+            out.append(Violation("fp4", name, "FP4 (de)quantization outside the NVFP4 two-level form"))
         # INT4 rules
         if qtype == TensorProto.INT4:
             uses_int4_or_blocks = True
@@ -175,7 +233,77 @@ def lint_onnx(model: onnx.ModelProto | str | Path) -> list[Violation]:
         out.append(Violation("opset", "model", f"INT4 / blocked quantization needs opset >= 21, model has {opset}"))
     if half_scale and opset < 19:
         out.append(Violation("opset", half_scale, f"FP16/BF16 Q/DQ scales need opset >= 19, model has {opset}"))
+    if fp8_at and opset < 19:
+        out.append(Violation("opset", fp8_at, f"FP8 Q/DQ needs opset >= 19, model has {opset}"))
+    if fp4_at and opset < 23:
+        out.append(Violation("opset", fp4_at, f"FP4 (FLOAT4E2M1) DequantizeLinear needs opset >= 23, model has "
+                             f"{opset}"))
+    for t in graph.initializer:
+        if t.data_type == _FP4 and any(n.op_type != "DequantizeLinear" for n in graph.node if t.name in n.input):
+            out.append(Violation("fp4", t.name, "FP4 initializer used by a node other than DequantizeLinear"))
     return out + _mha_violations(graph, consts) + _weight_only_int8_violations(graph, consts)
+
+
+def _fp4_source(data: str, consts: dict[str, TensorProto], producers: dict[str, onnx.NodeProto]) -> str | None:
+    """``"weight"`` / ``"activation"`` when ``data`` holds FP4 values (an FP4 constant, or the first output of
+    ``TRT_FP4DynamicQuantize``), else None."""
+    if data in consts:
+        return "weight" if consts[data].data_type == _FP4 else None
+    p = producers.get(data)
+    if p is not None and p.op_type == "TRT_FP4DynamicQuantize" and p.output[0] == data:
+        return "activation"
+    return None
+
+
+def _is_fp8_block_scale(node: onnx.NodeProto, consts: dict[str, TensorProto], producers: dict[str, onnx.NodeProto],
+                        dq_scales: set[str]) -> bool:
+    """True when the DequantizeLinear ``node`` is the first of a two-level NVFP4 scale: it dequantizes FP8 block
+    scales (an FP8 constant, or the second output of ``TRT_FP4DynamicQuantize``) into another DQ's scale."""
+    if node.output[0] not in dq_scales:
+        return False
+    data = node.input[0]
+    p = producers.get(data)
+    if p is not None and p.op_type == "TRT_FP4DynamicQuantize":
+        return len(p.output) > 1 and p.output[1] == data
+    return data in consts and consts[data].data_type == _FP8
+
+
+def _fp4_violations(name: str, node: onnx.NodeProto, source: str, scale_name: str, consts: dict[str, TensorProto],
+                    producers: dict[str, onnx.NodeProto]) -> list[Violation]:
+    """Rules of an NVFP4 ``DequantizeLinear`` (rule ``fp4``)."""
+    out = []
+    block = _attr(node, "block_size", 0)
+    data = node.input[0]
+    rank = len(consts[data].dims) if data in consts else None
+    if block != NVFP4_BLOCK:
+        out.append(Violation("fp4", name, f"NVFP4 block size {block}, expected {NVFP4_BLOCK}"))
+    axis = _attr(node, "axis", 1)
+    if rank is not None:
+        if rank != 2:
+            out.append(Violation("fp4", name, f"FP4 weight of rank {rank}: TensorRT blocks 2-D weights"))
+        elif axis % rank != rank - 1 or consts[data].dims[-1] % NVFP4_BLOCK:
+            out.append(Violation("fp4", name, f"FP4 weight {list(consts[data].dims)} must be blocked along its last "
+                                 f"(input) dimension (axis -1), a multiple of {NVFP4_BLOCK}"))
+    elif axis != -1:
+        out.append(Violation("fp4", name, f"FP4 activation blocked on axis {axis}: TensorRT's dynamic quantization "
+                             "blocks the last dimension (axis -1)"))
+    sp = producers.get(scale_name)
+    if sp is None or sp.op_type != "DequantizeLinear":
+        out.append(Violation("fp4", name, "the scale of FP4 values must be DequantizeLinear(FP8 block scales, global "
+                             "scale) (two-level NVFP4)"))
+        return out
+    src = sp.input[0]
+    dyn = producers.get(src)
+    if source == "activation":
+        if dyn is None or dyn.op_type != "TRT_FP4DynamicQuantize" or dyn.output[0] != data:
+            out.append(Violation("fp4", name, "FP4 activation scales must come from the same TRT_FP4DynamicQuantize"))
+    elif src not in consts or consts[src].data_type != _FP8:
+        out.append(Violation("fp4", name, "FP4 weight block scales must be an FP8 (FLOAT8E4M3FN) constant"))
+    elif rank == 2:
+        want = [consts[data].dims[0], consts[data].dims[1] // NVFP4_BLOCK]
+        if list(consts[src].dims) != want:
+            out.append(Violation("fp4", name, f"FP8 block scales of shape {list(consts[src].dims)}, expected {want}"))
+    return out
 
 
 #: Ops a tensor passes through unchanged in value between a DequantizeLinear and the MatMul that uses it.

@@ -13,6 +13,10 @@ Stages, top to bottom:
      batched matmul, after the softmax and after the second batched matmul (TensorRT developer guide, quoted in
      NVIDIA/TensorRT issues 2981 and 4167). The values do not change: the Transpose/Reshape between the two
      pairs move values without changing them, and quantizing twice on one grid is quantizing once;
+     FP8 (``fmt`` ``fp8``): the same places and layouts with FLOAT8E4M3FN weights and zero points (TensorRT: FP8
+     Q/DQ per-tensor on activations, per-channel on weights; Model Optimizer exports FP8 the same way, with the
+     softmax output's scale fixed to 1 / 448). NVFP4 (``nvfp4``, :meth:`_QDQBuilder.weight_nvfp4` /
+     :meth:`_QDQBuilder.act_nvfp4`): Model Optimizer's two-level form, opset 23 (FLOAT4E2M1 is ONNX 1.18 / opset 23);
   5. convert the graph's compute type to FP16 (:mod:`dfq_deploy.export.fp16`; the default, for TensorRT) or keep
      FP32 (for CPU runtimes);
   6. store the model's timm data config in the metadata (:data:`DATA_CONFIG_KEY`), so ``dfq-deploy eval --onnx``
@@ -46,6 +50,17 @@ from dfq_deploy.utils import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 OPSET = 21
+#: Opset of graphs holding FLOAT4E2M1 tensors: ``DequantizeLinear`` accepts FLOAT4E2M1 from opset 23 (ONNX 1.18).
+FP4_OPSET = 23
+#: Domain and op of TensorRT's dynamic FP4 block quantization, as Model Optimizer exports NVFP4 activations
+#: (``modelopt/torch/quantization/export_onnx.py``, ``_fp4_dynamic_quantize``: ``trt::TRT_FP4DynamicQuantize``
+#: with attributes ``axis``, ``block_size``, ``scale_type``, inputs ``(x, FP32 global scale)``, outputs ``(FP4 values,
+#: FP8 block scales)``; it is a TensorRT plugin-free local function the ONNX parser maps to ``IDynamicQuantizeLayer``).
+TRT_DOMAIN = "trt"
+TRT_FP4_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+#: Element type of each float format's quantized values.
+FP8_TYPE = TensorProto.FLOAT8E4M3FN
+FP4_TYPE = TensorProto.FLOAT4E2M1
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: ONNX metadata key holding the timm data config (input size, mean, std, ...).
@@ -54,6 +69,8 @@ DATA_CONFIG_KEY = "dfq_deploy.data_config"
 FP32_NODES_KEY = "dfq_deploy.fp32_nodes"
 #: ONNX metadata key holding the model's class names in label order (JSON list), when the model has them.
 CLASS_NAMES_KEY = "dfq_deploy.class_names"
+#: Part of the name of every node and initializer of an NVFP4 quantizer (:func:`nvfp4_nodes`).
+NVFP4_NODE_TAG = "_nvfp4"
 
 
 def export_float_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
@@ -115,32 +132,88 @@ class _QDQBuilder:
         self.graph.initializer.append(tensor)
         return tensor.name
 
-    def _qdq(self, src: str, dst: str, scale: float, tag: str) -> list[onnx.NodeProto]:
-        """``src -> Q -> DQ -> dst`` (INT8, zero point 0, per-tensor)."""
+    def _qdq(self, src: str, dst: str, scale: float, tag: str, fmt: str = "int") -> list[onnx.NodeProto]:
+        """``src -> Q -> DQ -> dst`` (INT8, or FP8 E4M3 for ``fmt`` ``fp8``; zero point 0, per-tensor).
+
+        FP8: the zero point's type (FLOAT8E4M3FN) sets the quantized type, saturate is ONNX's default (1), which is
+        TensorRT's ``clip(x / s, -448, 448)`` ("Quantization Schemes") and what Model Optimizer's FP8 export writes.
+        """
         s = self.add_init(numpy_helper.from_array(np.array(scale, dtype=np.float32), self.name(f"{tag}_scale")))
-        zp = self.add_init(helper.make_tensor(self.name(f"{tag}_zp"), TensorProto.INT8, [], [0]))
+        ztype = FP8_TYPE if fmt == "fp8" else TensorProto.INT8
+        zp = self.add_init(helper.make_tensor(self.name(f"{tag}_zp"), ztype, [], [0]))
         q_out = self.name(f"{tag}_q")
         return [helper.make_node("QuantizeLinear", [src, s, zp], [q_out], name=q_out),
                 helper.make_node("DequantizeLinear", [q_out, s, zp], [dst], name=self.name(f"{tag}_dq"))]
 
-    def act_qdq(self, node: onnx.NodeProto, index: int, scale: float, tag: str) -> None:
+    def act_qdq(self, node: onnx.NodeProto, index: int, scale: float, tag: str, fmt: str = "int") -> None:
         """Insert ``Q -> DQ`` on input ``index`` of ``node``."""
         dq_out = self.name(f"{tag}_dq_out")
-        self.new_nodes[node.name] += self._qdq(node.input[index], dq_out, scale, tag)
+        self.new_nodes[node.name] += self._qdq(node.input[index], dq_out, scale, tag, fmt)
         node.input[index] = dq_out
 
-    def output_qdq(self, node: onnx.NodeProto, scale: float, tag: str) -> None:
+    def output_qdq(self, node: onnx.NodeProto, scale: float, tag: str, fmt: str = "int") -> None:
         """Insert ``Q -> DQ`` on the output of ``node`` (its consumers read the DQ's output, same name)."""
         raw = self.name(f"{tag}_raw")
-        self.after[node.name] += self._qdq(raw, node.output[0], scale, tag)
+        self.after[node.name] += self._qdq(raw, node.output[0], scale, tag, fmt)
         node.output[0] = raw
+
+    def act_nvfp4(self, node: onnx.NodeProto, index: int, global_scale: float, tag: str) -> None:
+        """NVFP4 activation on input ``index`` of ``node``, as Model Optimizer exports it (``export_fp4``, dynamic):
+        ``x -> trt::TRT_FP4DynamicQuantize(x, g; axis=-1, block_size=16, scale_type=FLOAT8E4M3FN) -> (x_f4, s_f8)``,
+        ``DequantizeLinear(s_f8, g) -> s``, ``DequantizeLinear(x_f4, s; axis=-1, block_size=16) -> x'``. The global
+        scale ``g`` is an FP32 constant (modelopt: ``torch_dtype_map["Float"]``); the FP16 conversion keeps these
+        nodes FP32 (:data:`NVFP4_NODE_TAG`), with a Cast to FP16 before the MatMul as modelopt's graph has."""
+        from dfq_deploy.quant.quantizers import NVFP4_BLOCK
+
+        g = self.add_init(numpy_helper.from_array(np.array(global_scale, dtype=np.float32),
+                                                  self.name(f"{tag}{NVFP4_NODE_TAG}_gscale")))
+        x_f4, s_f8 = self.name(f"{tag}{NVFP4_NODE_TAG}_x_f4"), self.name(f"{tag}{NVFP4_NODE_TAG}_s_f8")
+        s, out = self.name(f"{tag}{NVFP4_NODE_TAG}_s"), self.name(f"{tag}{NVFP4_NODE_TAG}_dq_out")
+        self.new_nodes[node.name] += [
+            helper.make_node(TRT_FP4_DYNAMIC_QUANTIZE, [node.input[index], g], [x_f4, s_f8], name=x_f4,
+                             domain=TRT_DOMAIN, axis=-1, block_size=NVFP4_BLOCK, scale_type=FP8_TYPE),
+            helper.make_node("DequantizeLinear", [s_f8, g], [s], name=s),
+            helper.make_node("DequantizeLinear", [x_f4, s], [out], name=out, axis=-1, block_size=NVFP4_BLOCK),
+        ]
+        node.input[index] = out
+
+    def weight_nvfp4(self, node: onnx.NodeProto, index: int, lin: QuantLinear, transposed: bool, tag: str) -> None:
+        """NVFP4 weight on input ``index``, as Model Optimizer's ONNX exporter writes it
+        (``modelopt/onnx/export/nvfp4_exporter.py``, ``_replace_fp4qdq_with_2dq``): FP4 E2M1 values ``[out, in]``
+        (FLOAT4E2M1 initializer), FP8 E4M3 block scales ``[out, in / 16]`` (FLOAT8E4M3FN initializer) and an FP32
+        scalar global scale; ``DequantizeLinear(s_f8, g) -> s``, ``DequantizeLinear(w_f4, s; axis=-1,
+        block_size=16) -> w``, then a ``Transpose`` where the MatMul reads ``[in, out]`` (modelopt's graph has the
+        same Transpose between the second DQ and the MatMul)."""
+        wq = lin.weight_quantizer
+        assert wq is not None
+        w = lin.weight.detach().float()
+        vals = wq.integers(w).numpy()  # [out, in] E2M1 values
+        f4 = self.add_init(numpy_helper.from_array(vals.astype(ml_dtypes.float4_e2m1fn),
+                                                   self.name(f"{tag}{NVFP4_NODE_TAG}_w_f4")))
+        sf8 = self.add_init(numpy_helper.from_array(
+            wq.block_scales_fp8().detach().float().numpy().astype(ml_dtypes.float8_e4m3fn),
+            self.name(f"{tag}{NVFP4_NODE_TAG}_w_s_f8")))
+        g = self.add_init(numpy_helper.from_array(np.array(float(wq.global_scale), dtype=np.float32),
+                                                  self.name(f"{tag}{NVFP4_NODE_TAG}_w_gscale")))
+        s, out = self.name(f"{tag}{NVFP4_NODE_TAG}_w_s"), self.name(f"{tag}{NVFP4_NODE_TAG}_w_dq")
+        nodes = [helper.make_node("DequantizeLinear", [sf8, g], [s], name=s),
+                 helper.make_node("DequantizeLinear", [f4, s], [out], name=out, axis=-1, block_size=wq.block_size)]
+        if transposed:
+            t = self.name(f"{tag}_w_t")
+            nodes.append(helper.make_node("Transpose", [out], [t], name=t, perm=[1, 0]))
+            out = t
+        self.new_nodes[node.name] += nodes
+        node.input[index] = out
 
     def weight_dq(self, node: onnx.NodeProto, index: int, lin: QuantLinear, transposed: bool, tag: str) -> None:
         """Replace the float weight on input ``index`` by integers behind a ``DequantizeLinear``."""
         wq = lin.weight_quantizer
         assert wq is not None
+        if wq.fmt == "nvfp4":
+            return self.weight_nvfp4(node, index, lin, transposed, tag)
         w = lin.weight.detach().float()
-        ints = wq.integers(w).to(torch.int64).numpy()  # [out, in]
+        fp8 = wq.fmt == "fp8"
+        ints = wq.integers(w).numpy() if fp8 else wq.integers(w).to(torch.int64).numpy()  # [out, in]
         scale = wq.scale.detach().float().numpy()  # [out] or [out, nblocks]
         storage = 8 if wq.bits > 4 else 4
         attrs: dict[str, int] = {}
@@ -155,9 +228,10 @@ class _QDQBuilder:
             attrs["axis"] = 0
             if wq.block_size is not None:
                 attrs.update(axis=1, block_size=wq.block_size)
-        np_dtype = np.int8 if storage == 8 else ml_dtypes.int4
+        np_dtype = ml_dtypes.float8_e4m3fn if fp8 else np.int8 if storage == 8 else ml_dtypes.int4
+        kind = "fp8" if fp8 else f"int{storage}"
         qname = self.add_init(numpy_helper.from_array(np.ascontiguousarray(ints).astype(np_dtype),
-                                                      self.name(f"{tag}_w_int{storage}")))
+                                                      self.name(f"{tag}_w_{kind}")))
         sname = self.add_init(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32),
                                                       self.name(f"{tag}_w_scale")))
         out = self.name(f"{tag}_w_dq")
@@ -185,9 +259,7 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
         DfqError: a quantized layer or attention matmul could not be found in the graph.
     """
     graph = proto.graph
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            node.name = f"node_{i}"
+    _name_nodes(proto)
     b = _QDQBuilder(proto)
     act_mm = [n for n in graph.node if n.op_type == "MatMul" and not any(i in b.inits for i in n.input)]
     # 1. weights: match by value (MatMul holds W^T, Gemm with transB=1 holds W).
@@ -214,7 +286,11 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
             b.weight_dq(node, idx, lin, transposed, tag)
         iq = lin.input_quantizer
         if iq is not None and iq.enabled:
-            b.act_qdq(node, 1 - idx if node.op_type == "MatMul" else 0, _scalar(iq, lname), f"{tag}_in")
+            at = 1 - idx if node.op_type == "MatMul" else 0
+            if iq.fmt == "nvfp4":
+                b.act_nvfp4(node, at, _global_scale(iq, lname), f"{tag}_in")
+            else:
+                b.act_qdq(node, at, _scalar(iq, lname), f"{tag}_in", iq.fmt)
     # 2. attention matmuls: MatMuls whose inputs are both activations, two per attention module, in order.
     # Every attention module has its two matmuls in the graph; only some may be quantized (mixed precision).
     attns = attention_modules(model)
@@ -228,12 +304,37 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
             for node, idx, q, t in ((qk, 0, attn.q_quant, "q"), (qk, 1, attn.k_quant, "k"),
                                     (pv, 0, attn.p_quant, "p"), (pv, 1, attn.v_quant, "v")):
                 if q.enabled:
-                    b.act_qdq(node, idx, _scalar(q, f"attn{a_i}.{t}"), f"attn{a_i}_{t}")
+                    b.act_qdq(node, idx, _scalar(q, f"attn{a_i}.{t}"), f"attn{a_i}_{t}", q.fmt)
             out_q = pv_output_quantizer(attn)
             if out_q is not None:
-                b.output_qdq(pv, _scalar(out_q, f"attn{a_i}.pv_out"), f"attn{a_i}_pv_out")
+                b.output_qdq(pv, _scalar(out_q, f"attn{a_i}.pv_out"), f"attn{a_i}_pv_out", out_q.fmt)
     b.finish()
+    if any(t.data_type == FP4_TYPE for t in graph.initializer) or any(n.domain == TRT_DOMAIN for n in graph.node):
+        _set_fp4_opsets(proto)
     return proto
+
+
+def _set_fp4_opsets(proto: onnx.ModelProto) -> None:
+    """Opset 23 (FLOAT4E2M1 ``DequantizeLinear``) and the ``trt`` domain, for NVFP4 graphs. The float graph's ops
+    (opset 21) mean the same at 23 (ONNX's changelog: opsets 22 and 23 add types, e.g. FP4, to existing ops)."""
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, FP4_OPSET)
+    if any(n.domain == TRT_DOMAIN for n in proto.graph.node) and not any(
+            o.domain == TRT_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
+    proto.ir_version = max(proto.ir_version, 11)  # FLOAT4E2M1 is IR version 11
+
+
+def nvfp4_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the NVFP4 nodes of a graph (they stay FP32 in an FP16 graph, as in Model Optimizer's)."""
+    return [n.name for n in proto.graph.node if NVFP4_NODE_TAG in n.name]
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = f"node_{i}"
 
 
 def pv_output_quantizer(attn: nn.Module) -> ActQuantizer | None:
@@ -254,14 +355,21 @@ def pv_output_quantizer(attn: nn.Module) -> ActQuantizer | None:
     return iq
 
 
+def _global_scale(q: ActQuantizer, name: str) -> float:
+    if not q.calibrated:
+        raise DfqError(f"{name}: activation quantizer is not calibrated")
+    return float(q.scale)
+
+
 def _scalar(q: ActQuantizer, name: str) -> float:
     if q.log2:
         raise DfqError(f"{name}: the log2 attention quantizer has no ONNX/TensorRT kernel (simulation only)")
     if getattr(q, "asymmetric", False):
         raise DfqError(f"{name}: asymmetric activations (a zero point) are not deployable; TensorRT needs zero point "
                        "0: use a symmetric preset")
-    if q.bits != 8:
-        raise DfqError(f"{name}: {q.bits}-bit activations are not deployable; TensorRT runs INT8 activations")
+    if q.bits != 8 or q.fmt not in ("int", "fp8"):
+        raise DfqError(f"{name}: {q.bits}-bit {q.fmt} activations have no per-tensor Q/DQ; TensorRT runs INT8 and FP8 "
+                       "ones (NVFP4 only on Linear inputs)")
     if not q.calibrated:
         raise DfqError(f"{name}: activation quantizer is not calibrated")
     return float(q.scale)
@@ -293,6 +401,11 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
     if model_device(model).type != "cpu":  # the exporter traces on the CPU; a copy leaves the model where it is
         model = copy.deepcopy(model).cpu()
     proto = export_float_onnx(model, tuple(input_size or data_cfg["input_size"]))
+    _name_nodes(proto)
+    # ONNX Runtime has no FP4 kernels: an NVFP4 graph's FP32 islands are chosen on its float graph (same node names)
+    fp4 = any(getattr(q, "fmt", "int") == "nvfp4" for m in model.modules() if isinstance(m, QuantLinear)
+              for q in (m.weight_quantizer, m.input_quantizer))
+    island_graph = copy.deepcopy(proto) if fp4 else proto
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         insert_qdq(proto, model)
     if dtype == "fp16":
@@ -300,11 +413,11 @@ def to_onnx(model: nn.Module, input_size: tuple[int, int, int] | None = None,
         if calib is not None:
             from dfq_deploy.export.islands import fp32_islands
 
-            islands = fp32_islands(proto, calib)
+            islands = fp32_islands(island_graph, calib)
         else:
             logger.warning("FP16 graph without calibration images: no node was checked for values beyond FP16 "
                            "(pass calib= to keep such nodes in FP32)")
-        proto = to_fp16(proto, keep_fp32=islands)
+        proto = to_fp16(proto, keep_fp32={**islands, **dict.fromkeys(nvfp4_nodes(proto), "nvfp4")})
         meta = proto.metadata_props.add()
         meta.key, meta.value = FP32_NODES_KEY, json.dumps(islands if calib is not None else None)
     meta = proto.metadata_props.add()

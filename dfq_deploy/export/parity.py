@@ -40,6 +40,11 @@ at least three inputs beyond ``NULL_FACTOR`` times the largest rounding error of
 
 The reference run uses ONNX Runtime with graph optimizations disabled: ORT's fused integer kernels
 (MatMulIntegerToFloat, QLinearMatMul, MatMulNBits) round differently, a property of the kernels, not the export.
+FP8 graphs run there too (ORT 1.32 runs FLOAT8E4M3FN Q/DQ on the CPU). NVFP4 graphs, which ORT cannot run, run in
+``onnx.reference.ReferenceEvaluator`` (:mod:`dfq_deploy.export.reference`) on :data:`REFERENCE_INPUTS` inputs per
+set: the FP4 weight path by ONNX's definition of ``DequantizeLinear``; the dynamic FP4 activation path
+(``TRT_FP4DynamicQuantize``) by dfq-deploy's implementation of TensorRT's documented semantics, so the result says
+``"runtime": ...simulated`` for such graphs.
 """
 
 from __future__ import annotations
@@ -82,6 +87,12 @@ FLOAT_RTOL = 1e-4
 MEDIAN_FACTOR = 2.0
 #: Worst inputs listed in the report.
 WORST = 5
+#: Inputs per set an NVFP4 graph is checked on in the (slow, numpy) reference evaluator.
+REFERENCE_INPUTS = 16
+#: ``runtime`` of a parity result, by graph kind.
+RUNTIMES = {"ort": "onnxruntime (cpu, optimizations off)",
+            "reference": "onnx.reference.ReferenceEvaluator (FP4 weights: ONNX DequantizeLinear)",
+            "reference+trt": "onnx.reference.ReferenceEvaluator; TRT_FP4DynamicQuantize simulated by dfq-deploy"}
 
 RULE = (
     "input i disagrees when max_c |ort - torch| / S > tol, S = median over all inputs of std_c(torch logits), "
@@ -95,10 +106,22 @@ RULE = (
 
 
 def reference_session(model: onnx.ModelProto | str):
-    """An ONNX Runtime CPU session with every graph optimization off."""
+    """An ONNX Runtime CPU session with every graph optimization off; for an NVFP4 graph (no FP4 kernels in ORT), a
+    :class:`~dfq_deploy.export.reference.ReferenceSession` on ONNX's reference evaluator."""
     from dfq_deploy.export.ort import ort_session
+    from dfq_deploy.export.reference import ReferenceSession, has_fp4
 
+    proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+    if has_fp4(proto):
+        return ReferenceSession(proto)
     return ort_session(model, optimize=False)
+
+
+def runtime_of(proto: onnx.ModelProto) -> str:
+    """What parity runs ``proto`` on (:data:`RUNTIMES`)."""
+    from dfq_deploy.export.reference import has_fp4, has_trt_ops
+
+    return RUNTIMES["reference+trt" if has_trt_ops(proto) else "reference" if has_fp4(proto) else "ort"]
 
 
 def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 64,
@@ -236,12 +259,22 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
 
     # activations: model scales vs graph Q -> DQ pairs
     sdtype = SCALE_DTYPES[graph_dtype(proto)]
-    want = Counter(float(sdtype(q.scale.item())) for q in _enabled_act_quantizers(model))
+    # an NVFP4 quantizer's global scale stays FP32 in either graph (as Model Optimizer's)
+    want = Counter(float(np.float32(q.scale.item()) if q.fmt == "nvfp4" else sdtype(q.scale.item()))
+                   for q in _enabled_act_quantizers(model))
     got: Counter[float] = Counter()
+    dq_scales = {n.input[1] for n in graph.node if n.op_type == "DequantizeLinear"}
     for dq in graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits or dq.output[0] in dq_scales:
             continue
         q = producers.get(dq.input[0])
+        if q is not None and q.op_type == "TRT_FP4DynamicQuantize":  # NVFP4: one entry, its global scale
+            g = inits.get(q.input[1])
+            if g is None or g.size != 1:
+                problems.append(f"{q.name}: the global scale is not a constant scalar")
+            else:
+                got[float(g.reshape(()))] += 1
+            continue
         if q is None or q.op_type != "QuantizeLinear":
             problems.append(f"{dq.name}: an activation DequantizeLinear without its QuantizeLinear")
             continue
@@ -268,20 +301,23 @@ def structure_parity(model: nn.Module, proto: onnx.ModelProto) -> dict[str, Any]
     unmatched = list(model_w)
     n_wdq = 0
     for dq in graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.output[0] in dq_scales:
             continue
         n_wdq += 1
-        deq = _dequantize(dq, inits)
+        deq = _dequantize(dq, inits, producers)
         out = dq.output[0]
         users = consumers.get(out, [])
-        while len(users) == 1 and users[0].op_type == "Cast":  # into an FP32 island (export.islands)
+        # into an FP32 island (export.islands), or out of NVFP4's FP32 nodes; NVFP4 weights are [out, in] + Transpose
+        while len(users) == 1 and users[0].op_type in ("Cast", "Transpose"):
+            if users[0].op_type == "Transpose" and deq is not None:
+                deq = deq.T
             out = users[0].output[0]
             users = consumers.get(out, [])
         if deq is None or len(users) != 1 or users[0].op_type not in ("MatMul", "Gemm"):
             problems.append(f"{dq.name}: weight DequantizeLinear is not read by exactly one MatMul/Gemm")
             continue
         w = _as_out_in(deq, users[0], out)
-        fp32_scale = graph_scales[dq.input[1]] == onnx.TensorProto.FLOAT
+        fp32_scale = graph_scales.get(dq.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
         hit = next((k for k, (name, ref) in enumerate(unmatched)
                     if _same_weight(w, exact_w[name] if fp32_scale else ref)), None)
         if hit is None:
@@ -312,9 +348,14 @@ def _dequantized_weight(lin: nn.Module, scale_dtype: type) -> np.ndarray:
     return (wq._grouped(wq.integers(w)).cpu() * scale).reshape(w.shape).numpy()
 
 
-def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:
-    """``integers x scale`` of a constant DequantizeLinear (per-tensor, per-axis or blocked), or None."""
+def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray],
+                producers: dict[str, onnx.NodeProto] | None = None) -> np.ndarray | None:
+    """``integers x scale`` of a constant DequantizeLinear (per-tensor, per-axis or blocked; the scale itself
+    dequantized from constants for NVFP4's two levels), or None."""
     ints, scale = inits[dq.input[0]].astype(np.float32), inits.get(dq.input[1])
+    sp = (producers or {}).get(dq.input[1])
+    if scale is None and sp is not None and sp.op_type == "DequantizeLinear" and sp.input[0] in inits:
+        scale = _dequantize_any(sp, inits)
     if scale is None or ints.ndim != 2:
         return None
     zp = inits.get(dq.input[2]) if len(dq.input) > 2 else None
@@ -332,6 +373,14 @@ def _dequantize(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray 
     if scale.shape != (ints.shape[axis],):
         return None
     return ints * (scale[None, :] if axis == 1 else scale[:, None])
+
+
+def _dequantize_any(dq: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarray | None:
+    """A constant per-tensor DequantizeLinear's output (NVFP4: FP8 block scales x the FP32 global scale)."""
+    scale = inits.get(dq.input[1])
+    if scale is None or scale.size != 1:
+        return None
+    return inits[dq.input[0]].astype(np.float32) * scale.astype(np.float32).reshape(())
 
 
 def _same_weight(w: np.ndarray, ref: np.ndarray) -> bool:
@@ -364,6 +413,10 @@ def measure_parity(
         ``{set name: figures, ..., "rule", "threshold", "tolerance", "null", "structure", "checks", "passed"}``.
     """
     session = reference_session(proto)
+    runtime = runtime_of(proto)
+    if runtime != RUNTIMES["ort"]:  # the reference evaluator is slow: a few inputs per set, spread over each set
+        inputs = {k: x[torch.linspace(0, len(x) - 1, min(len(x), REFERENCE_INPUTS)).round().long()]
+                  for k, x in inputs.items()}
     dtype = graph_dtype(proto)
     n_all = sum(len(x) for x in inputs.values())
     n_null = min(NULL_INPUTS, n_all)
@@ -388,7 +441,8 @@ def measure_parity(
     sets = list(out.values())
     pooled = float(np.median(np.concatenate(errors)))
     structure = structure_parity(model, proto)
-    out.update(rule=RULE, graph_dtype=dtype, threshold=threshold, tolerance=tol, null=null, structure=structure,
+    out.update(rule=RULE, runtime=runtime, graph_dtype=dtype, threshold=threshold, tolerance=tol, null=null,
+               structure=structure,
                median_error=pooled, median_bound=_median_bound(null))
     numeric_ok = (all(v["disagreeing_fraction"] <= 1 - threshold for v in sets)
                   and pooled <= _median_bound(null))

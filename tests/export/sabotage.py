@@ -89,6 +89,14 @@ def transposed(proto: onnx.ModelProto, k: int) -> onnx.ModelProto:
     return p
 
 
+def act_scale(proto: onnx.ModelProto, k: int, factor: float = 4.0) -> onnx.ModelProto:
+    """Activation pair ``k``'s scale (shared by its Q and DQ) times ``factor``: a wrongly calibrated range."""
+    p = copy.deepcopy(proto)
+    n = act_dqs(p)[k]
+    _set(p, n.input[1], numpy_helper.to_array(_inits(p)[n.input[1]]).astype(np.float32) * factor)
+    return p
+
+
 SABOTAGES: dict[str, Callable[[onnx.ModelProto, int], onnx.ModelProto]] = {
     "layer_scale": layer_scale, "channel_scale": channel_scale, "zero_point": zero_point,
     "missing_qdq": missing_qdq, "block_shift": block_shift, "transposed": transposed,

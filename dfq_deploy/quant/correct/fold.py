@@ -131,9 +131,14 @@ def fold_linear_(lin: QuantLinear) -> bool:
     if corr.out_scale is not None:
         s = corr.out_scale
         wq = lin.weight_quantizer
-        ints = wq.integers(w) if wq is not None and wq.calibrated else None
+        # NVFP4: a per-channel factor cannot ride on FP8 block scales exactly (they must stay FP8 values times the
+        # global scale), so the folded weight is quantized afresh; every other grid keeps its integers
+        nvfp4 = wq is not None and getattr(wq, "fmt", "int") == "nvfp4"
+        ints = wq.integers(w) if wq is not None and wq.calibrated and not nvfp4 else None
         w = w * s[:, None]
         b = None if b is None else b * s
+        if nvfp4 and wq.calibrated:
+            wq.calibrate(w)
         if wq is not None and ints is not None:  # same integers: Q(s w; s delta) = s Q(w; delta)
             wq.scale = wq.scale * (s if wq.scale.ndim == 1 else s[:, None])
             # (s w) / (s delta) can land one ulp on the other side of a rounding tie: snap those few weights
