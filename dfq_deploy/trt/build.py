@@ -26,6 +26,7 @@ from dfq_deploy.trt.calibrator import (
 )
 from dfq_deploy.trt.commands import nvidia_commands, shell_line, trtexec_command
 from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
+from dfq_deploy.trt.formats import require_format
 from dfq_deploy.trt.plan import EnginePlan, engine_metadata_path, qdq_route_message
 from dfq_deploy.trt.planner import check_trt_version
 from dfq_deploy.trt.profiles import describe_profiles
@@ -217,6 +218,7 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     ok, reason = gpu_available()
     if not ok:
         raise DfqError(f"cannot build a TensorRT engine here: no usable NVIDIA GPU ({reason})")
+    require_format(plan.graph_quant, gpu_info())  # FP8: compute capability >= 8.9; NVFP4: >= 10.0
     onnx_path = Path(plan.onnx)
     if not onnx_path.is_file():
         raise DfqError(f"ONNX file not found: {onnx_path}")

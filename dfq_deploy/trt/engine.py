@@ -34,6 +34,7 @@ from dfq_deploy.trt.context import ExecSlot, TensorInfo
 from dfq_deploy.trt.cuda import CudaPython, PyCuda, cuda_backend
 from dfq_deploy.trt.env import gpu_available, gpu_info, require_tensorrt, trt_logger
 from dfq_deploy.trt.feed import check_feed, profile_table, torch_dtype
+from dfq_deploy.trt.formats import require_format
 from dfq_deploy.trt.plan import engine_metadata_path
 from dfq_deploy.trt.pool import SlotPool
 from dfq_deploy.trt.profiles import BatchProfile, batch_envelope, choose_profile, describe_profiles
@@ -166,7 +167,9 @@ class TRTEngine:
         if not ok:
             raise DfqError(f"cannot run a TensorRT engine here: no usable NVIDIA GPU ({reason})")
         if self.check_build:
-            verdict = check_engine_compat(self.build_info, str(trt.__version__), gpu_info(), str(self.path))
+            gpu = gpu_info()
+            require_format(str(self.build_info.get("graph_quant", "")), gpu)  # FP8 >= 8.9, NVFP4 >= 10.0
+            verdict = check_engine_compat(self.build_info, str(trt.__version__), gpu, str(self.path))
             if not verdict.ok:
                 raise DfqError(verdict.error)
             for warning in verdict.warnings:

@@ -17,7 +17,7 @@ from dfq_deploy.errors import DfqError
 from dfq_deploy.trt.env import trt_version_tuple
 
 #: Precisions ``plan_build`` accepts (``dfq-deploy build --precision``).
-PRECISIONS = ("int8", "int4", "fp16", "best", "fp32")
+PRECISIONS = ("int8", "int4", "fp8", "fp4", "fp16", "best", "fp32")
 #: Builder flags a plan may carry (names of ``tensorrt.BuilderFlag`` members); only the calibrator route sets any.
 BUILDER_FLAGS = ("FP16", "INT8")
 #: Calibrators ``plan_build`` accepts (``--calibrator``).
@@ -134,7 +134,8 @@ class EnginePlan:
         calibrator: implicit-INT8 calibration settings or None.
         min_trt_version: lowest TensorRT version that can build this plan (:data:`MIN_TRT_VERSION`).
         max_trt_major: highest TensorRT major version that can build it (None: no upper bound).
-        graph_quant: quantization in the graph: ``"int8"`` (Q/DQ), ``"int4"`` (INT4 weights) or ``"none"``.
+        graph_quant: quantization in the graph: ``"int8"`` (Q/DQ), ``"int4"`` (INT4 weights), ``"fp8"`` (FP8 Q/DQ),
+            ``"fp4"`` (NVFP4) or ``"none"``.
         graph_dtype: the graph's compute type, ``"fp16"`` or ``"fp32"`` (:data:`dfq_deploy.config.GRAPH_DTYPES`, as
             :func:`dfq_deploy.export.fp16.graph_dtype` reads it).
         notes: human-readable remarks on the decisions taken (warnings included).
@@ -195,7 +196,7 @@ class EnginePlan:
             if self.graph_dtype != "fp32":
                 raise DfqError("plan: a calibrator needs an FP32-typed float graph: export one with dfq-deploy "
                                "export --bits 32")
-        if self.graph_quant not in ("int8", "int4", "none"):
+        if self.graph_quant not in ("int8", "int4", "fp8", "fp4", "none"):
             raise DfqError(f"plan: unknown graph_quant {self.graph_quant!r}")
         if self.graph_dtype not in GRAPH_DTYPES:
             raise DfqError(f"plan: unknown graph_dtype {self.graph_dtype!r}; allowed: {', '.join(GRAPH_DTYPES)}")

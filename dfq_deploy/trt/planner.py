@@ -9,6 +9,8 @@ graph                       precision           build
 ==========================  ==================  ========================================================
 INT8 Q/DQ                   ``int8``, ``best``  strongly typed, no flags (FP32-typed graph: warning)
 INT4 weights (W4A16)        ``int4``, ``best``  strongly typed, no flags (FP32-typed graph: warning)
+FP8 Q/DQ (FP8)              ``fp8``, ``best``   strongly typed, no flags; GPU compute capability >= 8.9
+NVFP4 (NVFP4)               ``fp4``, ``best``   strongly typed, no flags; >= 10.0 (Blackwell, Thor), TensorRT >= 10.8
 FP16 float                  ``fp16``, ``best``  strongly typed, no flags
 FP16 float                  ``fp32``            error: export an FP32 graph (``--bits 32``)
 FP32 float                  ``fp32``            strongly typed, no flags
@@ -44,6 +46,7 @@ from dfq_deploy.export.fp16 import graph_dtype
 from dfq_deploy.export.lint import load_onnx
 from dfq_deploy.trt.calibrator import CALIB_IMAGES_FILE, check_calib_shape, inspect_calib_images
 from dfq_deploy.trt.env import trt_version_tuple
+from dfq_deploy.trt.formats import FORMAT_MIN_TRT
 from dfq_deploy.trt.plan import (
     CALIBRATORS,
     DEFAULT_CALIB_BATCH,
@@ -74,6 +77,8 @@ class OnnxInfo:
         has_qdq: the graph has QuantizeLinear / DequantizeLinear nodes.
         has_int4: the graph has INT4 constants (weight-only INT4).
         opset: default-domain opset.
+        has_fp8: FP8 (FLOAT8E4M3FN) constants (FP8 weights or zero points).
+        has_fp4: FP4 constants or TensorRT's dynamic FP4 quantization (NVFP4).
         outputs: output names.
     """
 
@@ -85,10 +90,17 @@ class OnnxInfo:
     has_int4: bool
     opset: int
     outputs: tuple[str, ...]
+    has_fp8: bool = False
+    has_fp4: bool = False
 
     @property
     def graph_quant(self) -> str:
-        """``"int4"`` (INT4 weights), ``"int8"`` (Q/DQ nodes) or ``"none"`` (a float graph)."""
+        """``"fp4"`` (NVFP4), ``"fp8"`` (FP8 Q/DQ), ``"int4"`` (INT4 weights), ``"int8"`` (Q/DQ nodes) or ``"none"``
+        (a float graph); a mixed-precision graph is named by its most demanding format."""
+        if self.has_fp4:
+            return "fp4"
+        if self.has_fp8:
+            return "fp8"
         return "int4" if self.has_int4 else "int8" if self.has_qdq else "none"
 
 
@@ -125,8 +137,10 @@ def inspect_onnx(model: onnx.ModelProto | str | Path) -> OnnxInfo:
         for n in graph.node if n.op_type == "Constant" for a in n.attribute
     )
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    types = {t.data_type for t in graph.initializer}
+    has_fp4 = TensorProto.FLOAT4E2M1 in types or any(n.domain == "trt" for n in graph.node)
     return OnnxInfo(inp.name, tuple(shape), _DTYPES[ttype.elem_type], graph_dtype(proto), has_qdq, has_int4, opset,
-                    tuple(o.name for o in graph.output))
+                    tuple(o.name for o in graph.output), TensorProto.FLOAT8E4M3FN in types, has_fp4)
 
 
 FP32_TYPED_WARNING = ("the graph is FP32-typed: TensorRT keeps FP32 between the integer layers; re-export with "
@@ -162,6 +176,17 @@ def _decide(precision: str, info: OnnxInfo, calibrated: bool) -> Decision:
                        f"with --precision {quant} and without --calibrator")
     if calibrated and precision not in ("int8", "best"):
         raise DfqError(f"--calibrator only applies to --precision int8 or best, not {precision}")
+    if quant in ("fp8", "fp4"):
+        from dfq_deploy.trt.formats import FORMAT_MIN_CC, FORMAT_NAMES
+
+        name = FORMAT_NAMES[quant]
+        if precision not in (quant, "best"):
+            raise DfqError(f"the graph is {name}-quantized: build it with --precision {quant}, not {precision}")
+        (major, minor), archs, _ = FORMAT_MIN_CC[quant]
+        # strongly typed: TensorRT 10 NetworkDefinitionCreationFlag.STRONGLY_TYPED, TensorRT 11 always ("Use explicit
+        # quantization with Strong Typing"; FP8/FP4 Q/DQ graphs need no precision flags)
+        return Decision(True, (), (f"explicit {name} quantization: strongly typed, no precision flags; runs on "
+                                   f"compute capability >= {major}.{minor} ({archs})",), fp32_warn)
     if quant == "int4":
         if precision not in ("int4", "best"):
             raise DfqError(f"the graph has INT4 weights (weight-only): build it with --precision int4, not "
@@ -179,6 +204,9 @@ def _decide(precision: str, info: OnnxInfo, calibrated: bool) -> Decision:
     # a float graph
     if precision == "int4":
         raise DfqError("--precision int4 needs a graph with INT4 weights: export it with dfq-deploy export --bits 4")
+    if precision in ("fp8", "fp4"):
+        raise DfqError(f"--precision {precision} needs a graph exported in that format: dfq-deploy export --bits "
+                       f"{'fp8' if precision == 'fp8' else 'nvfp4'}")
     if calibrated:
         if dtype != "fp32":
             # Calibrating through FP16 Casts and weights is covered by no TensorRT doc found and untried here:
@@ -299,7 +327,8 @@ def plan_build(
         onnx=str(onnx_path), output=str(out), precision=precision, strongly_typed=decision.strongly_typed,
         builder_flags=decision.flags, workspace_mb=workspace_mb, profiles=profiles,
         timing_cache=str(timing_cache) if timing_cache is not None else None, calibrator=calib,
-        min_trt_version=MIN_TRT_VERSION, max_trt_major=MAX_TRT_MAJOR_CALIBRATOR if calib else None,
+        min_trt_version=FORMAT_MIN_TRT.get(info.graph_quant, MIN_TRT_VERSION),
+        max_trt_major=MAX_TRT_MAJOR_CALIBRATOR if calib else None,
         graph_quant=info.graph_quant, graph_dtype=info.graph_dtype, notes=decision.notes + decision.warnings,
     )
     for level, texts in ((logging.INFO, decision.notes), (logging.WARNING, decision.warnings)):

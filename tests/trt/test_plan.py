@@ -194,7 +194,7 @@ def test_calibrator_argument_errors(tmp_path: Path) -> None:
 
 def test_bad_precision_is_an_error(tmp_path: Path) -> None:
     path = save_model(tmp_path, "fp32")
-    with pytest.raises(DfqError, match="choose one of int8, int4, fp16, best, fp32"):
+    with pytest.raises(DfqError, match="choose one of int8, int4, fp8, fp4, fp16, best, fp32"):
         plan_build(path, "int16")
     plan = plan_build(path, "fp32")
     with pytest.raises(DfqError, match="precision 'bf16'"):
