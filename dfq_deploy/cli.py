@@ -64,7 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dfq_deploy.config import preset, preset_for_bits
     from dfq_deploy.pipeline import ExportOptions, export_model
 
-    cfg = preset(args.preset) if args.preset else preset_for_bits(args.bits)
+    bits = int(args.bits) if str(args.bits).isdigit() else str(args.bits).lower()
+    cfg = preset(args.preset) if args.preset else preset_for_bits(bits)
     if args.block_size:
         cfg = cfg.with_(block_size=args.block_size)
     auto = None
@@ -74,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fields = {"formats": tuple(args.auto_formats.split(","))} if args.auto_formats else {}
         auto = AutoConfig(budget=args.auto, cost_table=args.cost_table, **fields)
     spec = _spec(args)
-    label = cfg.name if cfg.w_bits is not None else {16: "FP16", 32: "FP32"}.get(args.bits, cfg.name)
+    label = cfg.name if cfg.w_bits is not None else {16: "FP16", 32: "FP32"}.get(bits, cfg.name)
     if auto is not None:
         label = "auto-" + args.auto.replace(":", "")
     out = args.output or f"out/{spec.name}-{label}"
@@ -83,7 +84,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     correction = CorrectionConfig(mode=args.correct, shrink=args.shrink, reparam=args.reparam,
                                   reconstruct=args.reconstruct, reconstruct_iters=args.reconstruct_iters)
     report = export_model(ExportOptions(
-        model=spec, bits=args.bits, quant=cfg, calibration=calibration, correction=correction, dtype=args.dtype,
+        model=spec, bits=bits, quant=cfg, calibration=calibration, correction=correction, dtype=args.dtype,
         output=out, seed=args.seed, parity_threshold=args.parity_threshold, eval_data=args.eval_data,
         eval_limit=args.eval_limit, auto=auto, progress=not args.quiet, plot=args.plot, device=args.device,
     ))
@@ -320,9 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export", parents=[common], help="quantize a model and write a TensorRT-ready QDQ ONNX + report.json")
     _model_args(e)
-    e.add_argument("--bits", type=int, default=8,
-                   help="8 (W8A8), 4 (W4A16), 3 (W3A16), 16/32 (float graph in FP16/FP32); default 8")
-    e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16)")
+    e.add_argument("--bits", default="8",
+                   help="8 (W8A8), 4 (W4A16), 3 (W3A16), fp8 (FP8 E4M3 W8A8: Ada, Hopper, Blackwell, Thor), nvfp4 "
+                        "(NVFP4 W4A4: Blackwell, Thor), 16/32 (float graph in FP16/FP32); default 8")
+    e.add_argument("--preset", help="a named deployable preset instead of --bits (e.g. W2A16, FP8, NVFP4)")
     e.add_argument("--dtype", choices=GRAPH_DTYPES,
                    help=f"the graph's compute type: {GRAPH_DTYPES[0]} (default, fp32 for --bits 32; what TensorRT "
                         "builds) or fp32 (CPU runtimes); input and output stay float32")
@@ -413,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "build", parents=[common], help="build a TensorRT engine from an exported ONNX (needs TensorRT and a GPU)")
     t.add_argument("onnx")
     t.add_argument("--precision", choices=PRECISIONS, default="best",
-                   help="int8/int4 for QDQ exports, fp16 for an FP16 float export (--bits 16), fp32 for an FP32 "
+                   help="int8/int4 for QDQ exports, fp8 for FP8 exports (compute capability >= 8.9), fp4 for NVFP4 "
+                        "ones (>= 10.0: Blackwell, Thor), fp16 for an FP16 float export (--bits 16), fp32 for an FP32 "
                         "one (--bits 32), strongly typed without precision flags; best: what the graph holds (with "
                         "--calibrator: implicit INT8, weakly typed)")
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MB, help="workspace memory pool in MB")

@@ -55,7 +55,8 @@ class ExportOptions:
 
     Attributes:
         model: which model to build.
-        bits: 8 (W8A8), 4 (W4A16), 3 (W3A16), 16 or 32 (float graphs in FP16 / FP32); ignored when ``quant``
+        bits: 8 (W8A8), 4 (W4A16), 3 (W3A16), ``"fp8"`` (FP8), ``"nvfp4"`` (NVFP4), 16 or 32 (float graphs in FP16 /
+            FP32); ignored when ``quant``
             is given.
         quant: the quantization config; None: the preset of ``bits``.
         calibration: where the calibration images come from.
@@ -79,7 +80,7 @@ class ExportOptions:
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    bits: int = 8
+    bits: int | str = 8
     quant: QuantConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
@@ -209,7 +210,13 @@ def time_summary(timings: dict[str, float]) -> str:
 
 
 def precision_of(cfg: QuantConfig) -> str:
-    """TensorRT precision name of a deployable quantized config (``int8`` or ``int4``)."""
+    """TensorRT precision name of a deployable quantized config (``fp4``, ``fp8``, ``int8`` or ``int4``: the most
+    demanding format of its layers, as :mod:`dfq_deploy.trt.planner` reads the graph)."""
+    formats = cfg.formats
+    if "nvfp4" in formats:
+        return "fp4"
+    if "fp8" in formats:
+        return "fp8"
     return "int8" if cfg.w_storage_bits == 8 else "int4"
 
 
@@ -323,8 +330,15 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
         }
         if opts.eval_data is not None:
             t = time.perf_counter()
-            report["accuracy"] = evaluate_onnx(onnx_path, opts.eval_data, opts.eval_limit, progress=opts.progress)
-            report["accuracy"]["measured_on"] = "onnxruntime (exported artifact)"
+            if cfg.runs_in_ort:
+                report["accuracy"] = evaluate_onnx(onnx_path, opts.eval_data, opts.eval_limit,
+                                                   progress=opts.progress)
+                report["accuracy"]["measured_on"] = "onnxruntime (exported artifact)"
+            else:  # NVFP4: ONNX Runtime has no FP4 kernels (parity ran the graph in onnx.reference)
+                report["accuracy"] = evaluate_torch(model, opts.eval_data, dcfg, opts.eval_limit,
+                                                    progress=opts.progress)
+                report["accuracy"]["measured_on"] = ("simulated (pytorch fake-quant; onnxruntime has no FP4 kernels, "
+                                                     "the graph itself runs on TensorRT)")
             timings["eval_s"] = time.perf_counter() - t
             if mixed is not None and float_acc is not None:
                 mixed["float_top1"] = float_acc["top1"]

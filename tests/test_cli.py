@@ -385,3 +385,21 @@ def test_export_auto_refuses_bad_budgets_in_one_line(tmp_path, capsys, flags, ne
     code, _, err = _run(capsys, "export", *TINY, "--random-weights", *flags, "--output", str(tmp_path / "o"), "-q")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("how", [("--bits", "fp8"), ("--preset", "NVFP4")])
+def test_export_float_formats(tmp_path, capsys, how):
+    """``export --bits fp8`` writes an FP16-typed FP8 graph checked in ONNX Runtime; ``--preset NVFP4`` an NVFP4
+    graph checked in ONNX's reference evaluator, with its accuracy labelled simulated (issue #30)."""
+    data = make_image_folder(tmp_path / "data", classes=10, per_class=1)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "export", *TINY, "--random-weights", *how, "--calib", "noise",
+                             "--num-samples", "8", "--output", str(out), "--eval-data", str(data))
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    fp8 = how[1] == "fp8"
+    assert report["quant_config"]["name"] == ("FP8" if fp8 else "NVFP4")
+    assert report["precision"] == ("fp8" if fp8 else "fp4") and report["dtype"] == "fp16"
+    assert report["parity"]["passed"] and report["lint"] == []
+    assert report["parity"]["runtime"].startswith("onnxruntime" if fp8 else "onnx.reference")
+    assert report["accuracy"]["measured_on"].startswith("onnxruntime" if fp8 else "simulated")
