@@ -176,6 +176,9 @@ class QuantConfig(JsonConfig):
                            f"block_size={NVFP4_BLOCK}")
         if self.a_format != "int" and self.a_bits is not None and (self.a_grid != "symmetric" or self.attn_log2):
             raise DfqError(f"a_format {self.a_format} is symmetric: drop a_grid={self.a_grid} / attn_log2")
+        if self.a_format == "nvfp4" and self.a_bits is not None and self.a_scope != "linear":
+            raise DfqError("nvfp4 activations quantize Linear inputs only (TensorRT's dynamic FP4 quantization, as "
+                           "Model Optimizer places it): set a_scope='linear'")
         if self.a_format == "nvfp4" and self.a_bits is not None and self.a_range == "mse":
             raise DfqError("nvfp4 activations: the global scale comes from the tensor's max (a_range minmax or "
                            "percentile); the block scales are computed at run time")

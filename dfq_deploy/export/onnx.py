@@ -1,4 +1,4 @@
-"""PyTorch fake-quant model -> TensorRT-style QDQ ONNX (opset 21).
+"""PyTorch fake-quant model -> TensorRT-style QDQ ONNX (opset 21; 23 for NVFP4).
 
 Stages, top to bottom:
   1. export the model in float (quantizers off, fused attention off) with the dynamo exporter, batch dynamic;
@@ -157,24 +157,44 @@ class _QDQBuilder:
         self.after[node.name] += self._qdq(raw, node.output[0], scale, tag, fmt)
         node.output[0] = raw
 
-    def act_nvfp4(self, node: onnx.NodeProto, index: int, global_scale: float, tag: str) -> None:
+    def act_nvfp4(self, node: onnx.NodeProto, index: int, global_scale: float, tag: str, rank: int | None = None,
+                  width: int | None = None) -> None:
         """NVFP4 activation on input ``index`` of ``node``, as Model Optimizer exports it (``export_fp4``, dynamic):
         ``x -> trt::TRT_FP4DynamicQuantize(x, g; axis=-1, block_size=16, scale_type=FLOAT8E4M3FN) -> (x_f4, s_f8)``,
         ``DequantizeLinear(s_f8, g) -> s``, ``DequantizeLinear(x_f4, s; axis=-1, block_size=16) -> x'``. The global
         scale ``g`` is an FP32 constant (modelopt: ``torch_dtype_map["Float"]``); the FP16 conversion keeps these
-        nodes FP32 (:data:`NVFP4_NODE_TAG`), with a Cast to FP16 before the MatMul as modelopt's graph has."""
+        nodes FP32 (:data:`NVFP4_NODE_TAG`), with a Cast to FP16 before the MatMul as modelopt's graph has.
+
+        TensorRT's dynamic quantization takes 2-D or 3-D inputs (operator reference, "DynamicQuantize"): an input
+        of ``rank`` > 3 (Swin's patch merging, ``[B, H, W, 4C]``) is reshaped to ``[-1, width]`` around it (the
+        blocked last axis keeps its values) and back to its own shape after the second DQ."""
         from dfq_deploy.quant.quantizers import NVFP4_BLOCK
 
+        src = node.input[index]
+        pre: list[onnx.NodeProto] = []
+        if rank is not None and rank > 3 and width:
+            shape2d = self.add_init(numpy_helper.from_array(np.array([-1, width], dtype=np.int64),
+                                                            self.name(f"{tag}{NVFP4_NODE_TAG}_2d")))
+            flat, orig = self.name(f"{tag}_flat"), self.name(f"{tag}_shape")
+            pre = [helper.make_node("Shape", [src], [orig], name=orig),
+                   helper.make_node("Reshape", [src, shape2d], [flat], name=flat)]
+            src = flat
         g = self.add_init(numpy_helper.from_array(np.array(global_scale, dtype=np.float32),
                                                   self.name(f"{tag}{NVFP4_NODE_TAG}_gscale")))
         x_f4, s_f8 = self.name(f"{tag}{NVFP4_NODE_TAG}_x_f4"), self.name(f"{tag}{NVFP4_NODE_TAG}_s_f8")
         s, out = self.name(f"{tag}{NVFP4_NODE_TAG}_s"), self.name(f"{tag}{NVFP4_NODE_TAG}_dq_out")
         self.new_nodes[node.name] += [
-            helper.make_node(TRT_FP4_DYNAMIC_QUANTIZE, [node.input[index], g], [x_f4, s_f8], name=x_f4,
+            *pre,
+            helper.make_node(TRT_FP4_DYNAMIC_QUANTIZE, [src, g], [x_f4, s_f8], name=x_f4,
                              domain=TRT_DOMAIN, axis=-1, block_size=NVFP4_BLOCK, scale_type=FP8_TYPE),
             helper.make_node("DequantizeLinear", [s_f8, g], [s], name=s),
             helper.make_node("DequantizeLinear", [x_f4, s], [out], name=out, axis=-1, block_size=NVFP4_BLOCK),
         ]
+        if pre:
+            back = self.name(f"{tag}_unflat")
+            self.new_nodes[node.name].append(helper.make_node("Reshape", [out, pre[0].output[0]], [back],
+                                                              name=back))
+            out = back
         node.input[index] = out
 
     def weight_nvfp4(self, node: onnx.NodeProto, index: int, lin: QuantLinear, transposed: bool, tag: str) -> None:
@@ -275,6 +295,11 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
                         a.name == "transB" and a.i == 1 for a in node.attribute)
                     by_key[_key(arr)].append((node, idx, transposed))
                 break
+    ranks: dict[str, int] = {}  # tensor ranks of the float graph (NVFP4 activations of rank > 3 are reshaped)
+    if any(getattr(lin.input_quantizer, "fmt", "") == "nvfp4" for _, lin in quant_linears(model)):
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+                 if v.type.tensor_type.HasField("shape")}
     for lname, lin in quant_linears(model):
         w = lin.weight.detach().float().numpy()
         hits = by_key.get(_key(w.T)) or by_key.get(_key(w))
@@ -288,7 +313,8 @@ def insert_qdq(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto:
         if iq is not None and iq.enabled:
             at = 1 - idx if node.op_type == "MatMul" else 0
             if iq.fmt == "nvfp4":
-                b.act_nvfp4(node, at, _global_scale(iq, lname), f"{tag}_in")
+                b.act_nvfp4(node, at, _global_scale(iq, lname), f"{tag}_in", ranks.get(node.input[at]),
+                            lin.in_features)
             else:
                 b.act_qdq(node, at, _scalar(iq, lname), f"{tag}_in", iq.fmt)
     # 2. attention matmuls: MatMuls whose inputs are both activations, two per attention module, in order.

@@ -104,8 +104,9 @@ def test_nvfp4_weight_only_graph_matches_in_the_reference_evaluator(family):
     assert not _parity(model, bad, calib)["checks"]["structure"]
 
 
-def test_nvfp4_w4a4_graph_follows_model_optimizer_and_is_labelled_simulated():
-    model, proto, calib = _export("deit", "NVFP4")
+@pytest.mark.parametrize("family", ["deit", "swin"])  # Swin: a 4-D patch-merging input, reshaped to 2-D
+def test_nvfp4_w4a4_graph_follows_model_optimizer_and_is_labelled_simulated(family):
+    model, proto, calib = _export(family, "NVFP4")
     onnx.checker.check_model(proto, full_check=True)
     assert lint_onnx(proto) == []
     dyn = [n for n in proto.graph.node if n.op_type == TRT_FP4_DYNAMIC_QUANTIZE]

@@ -127,6 +127,7 @@ def test_presets_and_labels():
     (dict(a_format="nvfp4"), "4 bits"),
     (dict(w_format="nvfp4", w_bits=4, w_granularity="blockwise", block_size=32), "blocks of 16"),
     (dict(a_format="fp8", a_grid="asymmetric"), "symmetric"),
+    (dict(a_format="nvfp4", a_bits=4, a_scope="matmul", a_range="minmax"), "Linear inputs only"),
 ])
 def test_invalid_format_configs(changes, match):
     with pytest.raises(DfqError, match=match):
