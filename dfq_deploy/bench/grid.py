@@ -73,6 +73,9 @@ LOG2_SOFTMAX = ["W4A4-log2", "W4A3-log2", "W3A3-log2"]
 PAPER = ["W4A4-paper", "W4A3-paper", "W3A3-paper"]
 DEFAULT_PRESETS = DEPLOYABLE + SIMULATED + LOG2_SOFTMAX + PAPER
 EXTRA_SIMULATED = ["W4A8"]  # not in the default grid; for the reparameterisation comparison
+#: The float formats (``--presets FP8,NVFP4,NVFP4-W4A16``): FP8 is measured on its exported graph in ONNX Runtime
+#: (ORT 1.32 runs FP8 Q/DQ on the CPU), NVFP4 is simulated (ORT has no FP4 kernels).
+FLOAT_FORMATS = ["FP8", "NVFP4", "NVFP4-W4A16"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,8 +192,8 @@ class CellCache:
         return f"{source}@r{revision}" if revision else source
 
     def _cell(self, pname: str, source: str, seed: int) -> Path:
-        cfg = {} if pname == "FP32" else preset_config(pname).key_dict()
-        dtype = f"-{self.dtype}" if pname != "FP32" and preset_config(pname).deployable else ""
+        cfg = {} if pname in ("FP32", "FP16") else preset_config(pname).key_dict()
+        dtype = f"-{self.dtype}" if pname not in ("FP32", "FP16") and measured(preset_config(pname)) else ""
         return self.root / f"cell-{pname}-{_short_hash(cfg)}{dtype}-{self.source_key(source)}-{seed}.json"
 
     def get_cell(self, pname: str, source: str, seed: int) -> dict[str, Any] | None:
@@ -267,6 +270,17 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         cache.put_cell(fp32)
     cells.append(fp32)
     logger.warning("FP32 (onnxruntime): %.4f", fp32["top1"])
+    if any(p.partition(":")[0] in FLOAT_FORMATS for p in presets):  # the float FP16 graph: the formats' reference
+        fp16 = cache.get_cell("FP16", "-", 0)
+        if fp16 is None:
+            t = time.perf_counter()
+            proto = to_onnx(copy.deepcopy(base), tuple(dcfg["input_size"]), dtype="fp16", calib=held)
+            fp16 = {"preset": "FP16", "source": "-", "seed": 0, "top1": acc(ort_logits(proto, x_eval, args.threads)),
+                    "measured_on": "onnxruntime (fp16 graph)", "threads": threads,
+                    "times": {"export_s": time.perf_counter() - t}}
+            cache.put_cell(fp16)
+        cells.append(fp16)
+        logger.warning("FP16 (onnxruntime): %.4f", fp16["top1"])
     for source in sources:
         for seed in range(args.seeds):
             for pname in presets:
@@ -308,7 +322,7 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
     cell = {"preset": pname, "source": source, "seed": seed, "correct": corr.get("mode"),
             "times": {"calibration_s": time.perf_counter() - t, **stages}}
     probes = estimate_probes(calib_images, seed=seed)  # the export's data-free estimate, on the same artifact
-    if cfg.deployable:
+    if measured(cfg):
         t = time.perf_counter()
         proto = to_onnx(model, tuple(dcfg["input_size"]), dtype=args.dtype, calib=calib_images)  # as export
         cell["times"]["export_s"] = time.perf_counter() - t
@@ -320,6 +334,12 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
         q_probe = run_torch(model, probes, batch_size=250)
     cell["estimate"] = estimate_accuracy(probe_logits(base, probes), q_probe, seed=seed)
     return cell
+
+
+def measured(cfg: QuantConfig) -> bool:
+    """True when a grid cell of ``cfg`` is measured on its exported graph in ONNX Runtime (deployable, and ORT runs
+    it); the others are simulated in PyTorch."""
+    return cfg.is_float or (cfg.deployable and cfg.runs_in_ort)
 
 
 def gap_closed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -356,7 +376,7 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     rows = result["summary"]
-    presets = list(dict.fromkeys(r["preset"] for r in rows if r["preset"] != "FP32"))
+    presets = list(dict.fromkeys(r["preset"] for r in rows if r["preset"] not in ("FP32", "FP16")))
     sources = list(dict.fromkeys(r["source"] for r in rows if r["source"] != "-"))
     fp = next(r for r in rows if r["preset"] == "FP32")
     by = {(r["preset"], r["source"]): r for r in rows}
@@ -368,7 +388,9 @@ def markdown(result: dict[str, Any]) -> str:
         + (f" after {result['reconstruct']}-step block reconstruction" if result.get("reconstruct") else "")
         + (", LayerNorm reparameterisation" if result.get("reparam") else "")
         + ". "
-        f"FP32 (ONNX Runtime): {100 * fp['top1_mean']:.2f}. Columns marked * are simulated in PyTorch "
+        f"FP32 (ONNX Runtime): {100 * fp['top1_mean']:.2f}"
+        + "".join(f", FP16 graph (ONNX Runtime): {100 * r['top1_mean']:.2f}" for r in rows if r["preset"] == "FP16")
+        + ". Columns marked * are simulated in PyTorch "
         "(no deployable kernel); the others are measured on the exported ONNX in ONNX Runtime.",
         "",
         "| source | " + " | ".join(p + ("*" if p in sim else "") for p in presets) + " |",
@@ -407,7 +429,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     simulated = {r["preset"] for r in rows if r["measured_on"].startswith("simulated")}
     for ax, kind in zip(axes, ("deployable", "simulated"), strict=True):
         presets = [p for p in dict.fromkeys(r["preset"] for r in rows)
-                   if p != "FP32" and (p in simulated) == (kind == "simulated")]
+                   if p not in ("FP32", "FP16") and (p in simulated) == (kind == "simulated")]
         for s in dict.fromkeys(r["source"] for r in rows if r["source"] != "-"):
             pts = [(p, r) for p in presets for r in rows if r["preset"] == p and r["source"] == s]
             if pts:

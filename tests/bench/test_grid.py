@@ -103,3 +103,17 @@ def test_preset_variants_change_config_fields_and_are_refused_when_unknown():
         grid.preset_config("W4A3:colour=red")
     with pytest.raises(DfqError, match="name"):
         grid.preset_config("W4A3:name=x")
+
+
+def test_float_formats_are_measured_or_labelled_simulated():
+    assert grid.measured(grid.preset_config("FP8"))  # ONNX Runtime runs FP8 Q/DQ: measured on the graph
+    assert not grid.measured(grid.preset_config("NVFP4"))  # no FP4 kernels in ORT: simulated
+    assert not grid.measured(grid.preset_config("NVFP4-W4A16")) and grid.measured(grid.preset_config("W8A8"))
+    rows = [{"preset": p, "source": s, "top1_mean": t, "top1_std": 0.0, "measured_on": m}
+            for p, s, t, m in [("FP32", "-", 0.75, "onnxruntime (fp32 graph)"),
+                               ("FP16", "-", 0.751, "onnxruntime (fp16 graph)"),
+                               ("FP8", "noise", 0.752, "onnxruntime (fp16 graph)"),
+                               ("NVFP4", "noise", 0.74, "simulated (pytorch)")]]
+    md = grid.markdown({"summary": rows, "model": {"name": "m"}, "n_eval": 10, "data": "d", "seeds": 1,
+                        "num_samples": 4, "correct": "diag"})
+    assert "FP16 graph (ONNX Runtime): 75.10" in md and "| source | FP8 | NVFP4* |" in md
