@@ -403,3 +403,4 @@ def test_export_float_formats(tmp_path, capsys, how):
     assert report["parity"]["passed"] and report["lint"] == []
     assert report["parity"]["runtime"].startswith("onnxruntime" if fp8 else "onnx.reference")
     assert report["accuracy"]["measured_on"].startswith("onnxruntime" if fp8 else "simulated")
+    assert report["estimate"]["measured_on"].startswith("onnxruntime" if fp8 else "simulated")
