@@ -205,10 +205,15 @@ def goals(rows: list[dict[str, Any]], uniform: tuple[str, ...], x: str) -> dict[
 
 def markdown(res: dict[str, Any]) -> str:
     y = "top-1 (%)" if res["kind"] == "accuracy" else "top-1 agreement with the float graph (%)"
+    simulated = [r["config"] for r in res["rows"] if r["measured_on"].startswith("simulated")]
+    where = ("measured on the exported ONNX in ONNX Runtime" if not simulated else
+             "simulated in PyTorch fake-quant (these activation grids have no deployable kernel)"
+             if len(simulated) == len(res["rows"]) else
+             f"measured on the exported ONNX in ONNX Runtime, except {', '.join(simulated)} (simulated)")
     lines = [f"Mixed precision on `{res['model']['name']}`"
              + (f" ({res['model'].get('kwargs')}, random weights)" if res["kind"] == "agreement" else "")
              + f": {y} on {res['n_eval']} `dev` images, mean ± std over {res['seeds']} seeds, calibration "
-             f"`{res['source']}` ({res['synth_iters']} iterations), measured on the exported ONNX in ONNX Runtime. "
+             f"`{res['source']}` ({res['synth_iters']} iterations), {where}. "
              f"Float: {100 * res['float_top1']:.2f}. Command: `{res['command']}`.", "",
              f"| config | kind | effective weight bits | activation bits | weights as stored (MB) | {y} | "
              "predicted drop | search (s) |",
@@ -228,7 +233,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"* at {p}'s bits: no automatic point that low or high")
     for k, v in g.items():
         if k.startswith("gap_"):
-            rec = "n/a (no gap)" if v["recovered"] is None else f"{100 * v['recovered']:.0f}% recovered"
+            rec = (f"{100 * v['recovered']:.0f}% recovered" if v["recovered"] is not None else
+                   "no automatic point at those bits" if v["auto"] is None else "no gap to recover")
             lines.append(f"* {k[4:].replace('_to_', ' -> ')}: gap {v['gap_points']:.2f} points, {rec}")
     return "\n".join(lines) + "\n"
 
