@@ -94,7 +94,9 @@ _BATCH = 128
 
 
 @torch.no_grad()
-def probe_logits(model: nn.Module, x: torch.Tensor, batch: int = _BATCH) -> np.ndarray:
+def probe_logits(model: nn.Module, x: torch.Tensor, batch: int | None = None) -> np.ndarray:
+    """``model``'s float32 logits on ``x``, in batches of ``batch`` (default :data:`_BATCH`), as numpy."""
+    batch = batch or _BATCH
     dev = model_device(model)
     with exact_float32():
         return torch.cat([model(x[i:i + batch].to(dev)).float().cpu() for i in range(0, len(x), batch)]).numpy()

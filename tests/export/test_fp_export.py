@@ -84,14 +84,18 @@ def test_sabotaged_fp8_activation_scale_fails_parity(fp8_deit, factor):
     assert any("activation Q/DQ pairs" in p for p in par["structure"]["problems"])
 
 
-@pytest.mark.parametrize("family", ["deit", "swin"])
+# DeiT's cases are slow (the reference evaluator is pure Python); the CLI test exports an NVFP4 DeiT in the fast set.
+NVFP4_FAMILIES = [pytest.param("deit", marks=pytest.mark.slow), "swin"]
+
+
+@pytest.mark.parametrize("family", NVFP4_FAMILIES)
 def test_nvfp4_weight_only_graph_matches_in_the_reference_evaluator(family):
     model, proto, calib = _export(family, "NVFP4-W4A16")
     onnx.checker.check_model(proto, full_check=True)
     assert lint_onnx(proto) == []
     assert proto.opset_import[0].version == FP4_OPSET
     assert {TensorProto.FLOAT4E2M1, TensorProto.FLOAT8E4M3FN} <= _types(proto)
-    par = _parity(model, proto, calib)
+    par = _parity(model, proto, calib, n_probes=32)  # the reference evaluator is slow: fewer inputs
     assert par["runtime"] == RUNTIMES["reference"]  # ONNX's own FP4 DequantizeLinear: not simulated
     assert par["passed"], par["structure"]
     assert par["structure"]["weights"]["graph"] == par["structure"]["weights"]["model"] > 0
@@ -101,10 +105,10 @@ def test_nvfp4_weight_only_graph_matches_in_the_reference_evaluator(family):
     arr = numpy_helper.to_array(t).astype("float32")
     arr[0, 0] *= 2
     t.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), t.name))
-    assert not _parity(model, bad, calib)["checks"]["structure"]
+    assert not _parity(model, bad, calib[:4], n_probes=4)["checks"]["structure"]  # structure: no inputs needed
 
 
-@pytest.mark.parametrize("family", ["deit", "swin"])  # Swin: a 4-D patch-merging input, reshaped to 2-D
+@pytest.mark.parametrize("family", NVFP4_FAMILIES)  # Swin: a 4-D patch-merging input, reshaped to 2-D
 def test_nvfp4_w4a4_graph_follows_model_optimizer_and_is_labelled_simulated(family):
     model, proto, calib = _export(family, "NVFP4")
     onnx.checker.check_model(proto, full_check=True)
@@ -114,7 +118,7 @@ def test_nvfp4_w4a4_graph_follows_model_optimizer_and_is_labelled_simulated(fami
     attrs = {a.name: a.i for a in dyn[0].attribute}
     assert attrs == {"axis": -1, "block_size": 16, "scale_type": TensorProto.FLOAT8E4M3FN}
     assert any(o.domain == TRT_DOMAIN for o in proto.opset_import)
-    par = _parity(model, proto, calib)
+    par = _parity(model, proto, calib, n_probes=32)
     assert par["runtime"] == RUNTIMES["reference+trt"] and "simulated" in par["runtime"]
     assert par["passed"], par["structure"]
 

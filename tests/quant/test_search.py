@@ -44,9 +44,12 @@ def test_estimate_probes_are_new_deterministic_mixes():
 
 
 @pytest.mark.parametrize("family", ["deit", "swin"])
-def test_block_replay_gives_the_full_forward(family):
+def test_block_replay_gives_the_full_forward(family, monkeypatch):
+    from dfq_deploy.quant import sensitivity
+
+    monkeypatch.setattr(sensitivity, "_BATCH", 16)
     model, calib = _tiny(family)
-    probes = estimate_probes(calib, 140)  # two batches, the second partial
+    probes = estimate_probes(calib, 24)  # two batches, the second partial
     replay = _BlockReplay(model, probes)
     qm = copy.deepcopy(model)
     quantize(qm, PRESETS["W8A8"], batches_loop(calib))
@@ -118,12 +121,13 @@ def test_auto_config_round_trips():
 def test_auto_search_meets_the_budget_and_makes_a_mixed_config(tmp_path):
     model, calib = _tiny()
     before = copy.deepcopy(model.state_dict())
-    cfg, rep = auto_quant_config(model, calib, AutoConfig(budget="bits:3", cache_dir=str(tmp_path)))
+    cfg, rep = auto_quant_config(model, calib, AutoConfig(budget="bits:3", probes=32, cache_dir=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left alone
     assert rep["effective_bits"] <= 3 + 1e-9 and len(rep["units"]) == len(quant_units(model))
     assert isinstance(cfg, QuantConfig) and cfg.deployable and cfg.layers
     assert {u["unit"]: u["format"] for u in rep["units"] if u["format"] != "FP16"} == cfg.layers
-    drop_cfg, drop_rep = auto_quant_config(model, calib, AutoConfig(budget="drop:0.5", cache_dir=str(tmp_path)))
+    drop_cfg, drop_rep = auto_quant_config(model, calib, AutoConfig(budget="drop:0.5", probes=32,
+                                                                     cache_dir=str(tmp_path)))
     assert drop_rep["sensitivity_cached"]  # one table serves every budget
     assert drop_rep["predicted_without_correction"]["predicted_drop"] <= 0.5
     assert mixed_config({"x": "FP16"}, "n").is_float
