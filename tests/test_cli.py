@@ -255,7 +255,8 @@ def test_export_default_calibration_is_data_free():
 
 
 @pytest.mark.parametrize("flags, dtype, precision", [
-    (["--bits", "16"], "fp16", "fp16"), (["--bits", "32"], "fp32", "fp32"),
+    (["--bits", "16"], "fp16", "fp16"),
+    pytest.param(["--bits", "32"], "fp32", "fp32", marks=pytest.mark.slow),  # fast: the --bits 32 eval test
     (["--bits", "8", "--dtype", "fp32"], "fp32", "int8"),
 ])
 def test_export_graph_dtype(tmp_path, capsys, flags, dtype, precision):
@@ -387,7 +388,8 @@ def test_export_auto_refuses_bad_budgets_in_one_line(tmp_path, capsys, flags, ne
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("how", [("--bits", "fp8"), ("--preset", "NVFP4")])
+@pytest.mark.parametrize("how", [  # NVFP4's parity runs in the pure-Python reference evaluator: slow set
+    ("--bits", "fp8"), pytest.param(("--preset", "NVFP4"), marks=pytest.mark.slow)])
 def test_export_float_formats(tmp_path, capsys, how):
     """``export --bits fp8`` writes an FP16-typed FP8 graph checked in ONNX Runtime; ``--preset NVFP4`` an NVFP4
     graph checked in ONNX's reference evaluator, with its accuracy labelled simulated (issue #30)."""

@@ -44,7 +44,7 @@ def fp8_deit():
     return _export("deit", "FP8")
 
 
-@pytest.mark.parametrize("family", ["deit", "swin"])
+@pytest.mark.parametrize("family", ["deit", pytest.param("swin", marks=pytest.mark.slow)])
 def test_fp8_export_is_fp16_typed_linted_and_matches_in_onnxruntime(family, fp8_deit):
     model, proto, calib = fp8_deit if family == "deit" else _export(family, "FP8")
     onnx.checker.check_model(proto, full_check=True)
