@@ -32,7 +32,7 @@ from dfq_deploy.errors import DfqError
 from dfq_deploy.export.evaluate import evaluate_onnx, evaluate_torch
 from dfq_deploy.export.lint import lint_onnx
 from dfq_deploy.export.onnx import fp32_nodes, save_onnx, to_onnx
-from dfq_deploy.export.parity import NUM_PROBES, measure_parity, parity_probes, require_parity
+from dfq_deploy.export.parity import NUM_PROBES, measure_parity, ort_logits, parity_probes, require_parity
 from dfq_deploy.models import ModelSpec, class_names, create_model, data_config, require_checkpoint_file
 from dfq_deploy.quant.correct import plot_block_errors
 from dfq_deploy.quant.estimate import NUM_ESTIMATE_PROBES, describe, estimate_accuracy, estimate_probes
@@ -360,13 +360,3 @@ def _export(opts: ExportOptions) -> dict[str, Any]:
     logger.info(describe(estimate))
     return report
 
-
-def ort_logits(proto: Any, x: torch.Tensor) -> Any:
-    """The graph's logits on ``x`` in ONNX Runtime (all optimizations, as deployed)."""
-    import numpy as np
-
-    from dfq_deploy.export.ort import ort_session
-
-    sess = ort_session(proto)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 128].numpy()})[0] for i in range(0, len(x), 128)])

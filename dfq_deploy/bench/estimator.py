@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dfq_deploy.bench.grid import parse_args, run_grid
+from dfq_deploy.bench.grid import parse_args, run_grid, write_outputs
 from dfq_deploy.quant.estimate import FLAG_DROP_POINTS
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, figure_png
+from dfq_deploy.utils import atomic_write_bytes, figure_png
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["command"] = "python " + " ".join(sys.argv)
     v = validate(result)
     stem = Path(args.output) / f"estimator-{result['model']['name']}{args.tag}"
-    atomic_write_json(stem.with_suffix(".json"), {"grid": {k: r for k, r in result.items() if k != "cells"}, **v})
-    md = markdown(v, result)
-    atomic_write_text(stem.with_suffix(".md"), md)
-    plot(v, stem.with_suffix(".png"), f"{result['model']['name']}: data-free estimate vs measured")
-    print(md)
+    write_outputs(stem, {"grid": {k: r for k, r in result.items() if k != "cells"}, **v}, markdown(v, result),
+                  lambda png: plot(v, png, f"{result['model']['name']}: data-free estimate vs measured"))
     return v

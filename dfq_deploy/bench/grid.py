@@ -49,8 +49,7 @@ from dfq_deploy.data import default_cifar10, load_images
 from dfq_deploy.device import resolve_device
 from dfq_deploy.errors import DfqError
 from dfq_deploy.export.onnx import to_onnx
-from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
-from dfq_deploy.export.parity import run_session, run_torch
+from dfq_deploy.export.parity import ort_logits, run_torch
 from dfq_deploy.models import BUNDLED_MODEL, ModelSpec, create_model, data_config, parse_model_kwargs
 from dfq_deploy.quant.estimate import estimate_accuracy, estimate_probes
 from dfq_deploy.quant.recipe import quantize_
@@ -129,13 +128,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.presets == ",".join(DEFAULT_PRESETS):
             args.presets = "W4A16,W4A4"
     return args
-
-
-def ort_logits(proto, images: torch.Tensor, threads: int | None = None) -> np.ndarray:
-    """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration); INT4
-    MatMulNBits at accuracy level 0, so W4A16's activations stay float as on TensorRT."""
-    sess = ort_session(proto, threads=threads, config=FLOAT_ACTIVATIONS)
-    return run_session(sess, images, batch_size=250)
 
 
 def preset_config(pname: str) -> QuantConfig:
@@ -281,13 +273,17 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             cache.put_cell(fp16)
         cells.append(fp16)
         logger.warning("FP16 (onnxruntime): %.4f", fp16["top1"])
+    fp_probes: dict[tuple[str, int], np.ndarray] = {}  # the float model's estimate-probe logits, per calib set
     for source in sources:
         for seed in range(args.seeds):
             for pname in presets:
                 cell = cache.get_cell(pname, source, seed)
                 if cell is None:
                     calib_images, synth_s = cache.calib(source, seed, calib_maker(args, base, dcfg, source, seed))
-                    cell = run_cell(args, base, dcfg, pname, source, seed, calib_images, held, x_eval, acc)
+                    if (source, seed) not in fp_probes:
+                        fp_probes[source, seed] = float_probe_logits(base, calib_images, seed)
+                    cell = run_cell(args, base, dcfg, pname, source, seed, calib_images, held, x_eval, acc,
+                                    fp_probe=fp_probes[source, seed])
                     cell["threads"] = threads
                     cell["times"] = {"synthesis_s": synth_s, **cell["times"]}
                     cache.put_cell(cell)
@@ -307,11 +303,18 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def float_probe_logits(base: torch.nn.Module, calib_images: torch.Tensor, seed: int) -> np.ndarray:
+    """The float model's logits on the estimate probes of a calibration set: one pass, shared by its cells."""
+    return probe_logits(base, estimate_probes(calib_images, seed=seed))
+
+
 def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, Any], pname: str, source: str,
              seed: int, calib_images: torch.Tensor, held: torch.Tensor, x_eval: torch.Tensor,
-             acc: Callable[[np.ndarray], float], cfg: QuantConfig | None = None) -> dict[str, Any]:
+             acc: Callable[[np.ndarray], float], cfg: QuantConfig | None = None,
+             fp_probe: np.ndarray | None = None) -> dict[str, Any]:
     """Quantize a copy of ``base`` with one preset (or ``cfg``, named ``pname``) and calibration set; top-1 on the
-    artifact or simulated, and the data-free estimate on the same model."""
+    artifact or simulated, and the data-free estimate on the same model (``fp_probe``: the float model's logits on
+    the estimate probes of ``calib_images`` and ``seed``, :func:`float_probe_logits`, computed here if None)."""
     cfg = preset_config(pname) if cfg is None else cfg
     model = copy.deepcopy(base)
     t = time.perf_counter()
@@ -332,7 +335,8 @@ def run_cell(args: argparse.Namespace, base: torch.nn.Module, dcfg: dict[str, An
     else:
         cell["top1"], cell["measured_on"] = acc(run_torch(model, x_eval, batch_size=250)), "simulated (pytorch)"
         q_probe = run_torch(model, probes, batch_size=250)
-    cell["estimate"] = estimate_accuracy(probe_logits(base, probes), q_probe, seed=seed)
+    fp_probe = float_probe_logits(base, calib_images, seed) if fp_probe is None else fp_probe
+    cell["estimate"] = estimate_accuracy(fp_probe, q_probe, seed=seed)
     return cell
 
 
@@ -445,16 +449,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, figure_png(fig, dpi=110))
 
 
+def write_outputs(stem: Path, data: dict[str, Any], md: str, draw: Callable[[Path], None]) -> None:
+    """A benchmark's results: ``stem.json``, ``stem.md`` and ``stem.png`` (``draw`` writes it), each atomically; the
+    Markdown is printed too."""
+    atomic_write_json(stem.with_suffix(".json"), data)
+    atomic_write_text(stem.with_suffix(".md"), md)
+    draw(stem.with_suffix(".png"))
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run_grid(args)
     suffix = "-smoke" if args.smoke else "-quick" if args.quick else ""
     stem = Path(args.output) / f"accuracy-{result['model']['name']}{args.tag}{suffix}"
-    atomic_write_json(stem.with_suffix(".json"), result)
-    md = markdown(result)
-    atomic_write_text(stem.with_suffix(".md"), md)
-    plot(result, stem.with_suffix(".png"))
-    print(md)
+    write_outputs(stem, result, markdown(result), lambda png: plot(result, png))
     print(f"wrote {stem}.json/.md/.png")
     return result

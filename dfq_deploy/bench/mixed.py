@@ -32,10 +32,19 @@ import numpy as np
 import torch
 
 import dfq_deploy
-from dfq_deploy.bench.grid import CellCache, _short_hash, calib_maker, ort_logits, parse_args, run_cell
+from dfq_deploy.bench.grid import (
+    CellCache,
+    _short_hash,
+    calib_maker,
+    float_probe_logits,
+    parse_args,
+    run_cell,
+    write_outputs,
+)
 from dfq_deploy.config import QuantConfig, layer_preset
 from dfq_deploy.data import load_images
 from dfq_deploy.export.onnx import to_onnx
+from dfq_deploy.export.parity import ort_logits
 from dfq_deploy.models import TINY_CONFIGS, ModelSpec, create_model, data_config, parse_model_kwargs, transformer_blocks
 from dfq_deploy.quant.estimate import estimate_probes
 from dfq_deploy.quant.qmodel import quant_units
@@ -49,7 +58,7 @@ from dfq_deploy.quant.search import (
 )
 from dfq_deploy.quant.sensitivity import sensitivity_table
 from dfq_deploy.synth import SOURCES, CalibRequest
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, figure_png
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, figure_png
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +134,14 @@ def run(args: argparse.Namespace, budgets: list[str], regime: str, tiny: str | N
     source = args.sources.split(",")[0]
     reg = REGIMES[regime]
     formats = tuple(reg["formats"])
+    sens_dir = Path(args.cache).expanduser() / "sens"  # one sensitivity table a seed, shared by every budget
     cells: list[dict[str, Any]] = []
     for seed in range(args.seeds):
         calib, _ = cache.calib(source, seed, calib_maker(args, base, dcfg, source, seed))
         configs: list[tuple[str, str, QuantConfig, dict[str, Any]]] = []
         for budget in budgets:
             t = time.perf_counter()
-            auto = AutoConfig(budget=budget, formats=formats, cache_dir=str(Path(args.cache).expanduser() / "sens"))
+            auto = AutoConfig(budget=budget, formats=formats, cache_dir=str(sens_dir))
             cfg, rep = auto_quant_config(base, calib, auto, seed=seed)
             configs.append((f"auto {budget}", "auto", cfg, {"search_s": time.perf_counter() - t,
                                                            "sensitivity_s": rep["sensitivity_s"],
@@ -140,14 +150,18 @@ def run(args: argparse.Namespace, budgets: list[str], regime: str, tiny: str | N
         configs += [(p, "uniform", layer_preset(p), {}) for p in reg["uniform"]]
         configs += [(f"ends {h} / {lo}", "naive", naive_config(base, h, lo), {}) for h, lo in reg["naive"]]
         probes = estimate_probes(calib, AutoConfig().probes, seed + SEARCH_SEED_OFFSET)
-        table = sensitivity_table(base, calib, probes, formats, Path(args.cache).expanduser() / "sens")
+        table = sensitivity_table(base, calib, probes, formats, sens_dir)  # read from the cache
         rest = rest_bytes(base, table)
+        fp_probe: np.ndarray | None = None
         for name, family, cfg, extra in configs:
             path = cache.root / "mixed" / f"cell-{_short_hash([name, cfg.to_dict(), source, seed, kind])}.json"
             if path.is_file() and not args.fresh:  # finished before: an interrupted run resumes
                 cell = json.loads(path.read_text())
             else:
-                cell = run_cell(args, base, dcfg, name, source, seed, calib, held, x_eval, acc, cfg=cfg)
+                if fp_probe is None:
+                    fp_probe = float_probe_logits(base, calib, seed)
+                cell = run_cell(args, base, dcfg, name, source, seed, calib, held, x_eval, acc, cfg=cfg,
+                                fp_probe=fp_probe)
                 cell.update(family=family, **weight_stats(table, cfg, rest), **extra)
                 atomic_write_json(path, cell)
             cells.append(cell)
@@ -277,9 +291,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     regime = "" if mine.regime == "weights" else f"-{mine.regime}"
     smoke = "-smoke" if args.smoke else ""
     stem = Path(args.output) / f"mixed-{res['model']['name']}{'-tiny' if mine.tiny else ''}{regime}{args.tag}{smoke}"
-    atomic_write_json(stem.with_suffix(".json"), res)
-    md = markdown(res)
-    atomic_write_text(stem.with_suffix(".md"), md)
-    plot(res, stem.with_suffix(".png"))
-    print(md)
+    write_outputs(stem, res, markdown(res), lambda png: plot(res, png))
     return res

@@ -137,6 +137,14 @@ def run_session(session, images: torch.Tensor | np.ndarray, batch_size: int = 64
     return np.concatenate(out)
 
 
+def ort_logits(proto: Any, images: torch.Tensor | np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Logits of the exported graph in ONNX Runtime, optimizations on (the deployed configuration); INT4
+    MatMulNBits at accuracy level 0, so W4A16's activations stay float as on TensorRT."""
+    from dfq_deploy.export.ort import FLOAT_ACTIVATIONS, ort_session
+
+    return run_session(ort_session(proto, threads=threads, config=FLOAT_ACTIVATIONS), images, batch_size=250)
+
+
 @torch.no_grad()
 def run_torch(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
               progress: Progress | None = None) -> np.ndarray:

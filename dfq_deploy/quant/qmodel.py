@@ -63,7 +63,7 @@ class QuantLinear(nn.Linear):
         if cfg.w_bits is not None:
             block = None
             if cfg.w_granularity == "blockwise":
-                block = _fit_block(cfg.block_size, lin.in_features)
+                block = fit_block(cfg.block_size, lin.in_features)
             new.weight_quantizer = WeightQuantizer(cfg.w_bits, block, cfg.w_range, fmt=cfg.w_format)
         new.input_quantizer = None
         if cfg.a_bits is not None:
@@ -121,7 +121,7 @@ def _act_quantizer(cfg: QuantConfig, log2: bool = False) -> ActQuantizer:
 
 
 @functools.cache
-def _fit_block(block_size: int, in_features: int) -> int:
+def fit_block(block_size: int, in_features: int) -> int:
     """The configured block size, or the largest power of two below it that divides ``in_features`` (logged once).
 
     Powers of two keep ONNX Runtime's MatMulNBits kernel (it takes 16..256) and TensorRT's blocked INT4 happy.

@@ -220,9 +220,9 @@ def auto_quant_config(model: nn.Module, calib: torch.Tensor, auto: AutoConfig, s
     rest = rest_bytes(model, table)
     t1 = time.perf_counter()
     name = f"auto-{auto.budget}"
-    fp = probe_logits(model, probes)
     search: dict[str, Any] = {}
     if auto.kind == "drop":  # bisect the summed-KL cap on the whole mixed model's predicted drop
+        fp = probe_logits(model, probes)
         lo, hi = 0.0, sum(max(v["kl"] for v in r["formats"].values()) for r in table["units"])
         assignment = {r["name"]: min(r["formats"], key=lambda f, r=r: r["formats"][f]["kl"]) for r in table["units"]}
         best = (assignment, _predicted(model, mixed_config(assignment, name), calib, probes, fp))

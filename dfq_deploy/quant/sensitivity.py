@@ -34,7 +34,7 @@ from dfq_deploy.device import exact_float32, model_device
 from dfq_deploy.models import transformer_blocks
 from dfq_deploy.progress import Progress
 from dfq_deploy.quant.estimate import kl_divergence, soft_drop
-from dfq_deploy.quant.qmodel import _fit_block, batches_loop, quant_units, quantize, set_quant_enabled_
+from dfq_deploy.quant.qmodel import batches_loop, fit_block, quant_units, quantize, set_quant_enabled_
 from dfq_deploy.synth.checkpoint import model_fingerprint
 from dfq_deploy.utils import atomic_write_json
 
@@ -67,7 +67,7 @@ def unit_size(module: nn.Module, kind: str, fmt: str) -> dict[str, float]:
     if cfg.w_bits is None:
         return {"params": params, "bits": 16.0, "bytes": 2.0 * params}
     container = 8 if cfg.w_bits > 4 else 4
-    groups = out_f * (in_f // _fit_block(cfg.block_size, in_f) if cfg.w_granularity == "blockwise" else 1)
+    groups = out_f * (in_f // fit_block(cfg.block_size, in_f) if cfg.w_granularity == "blockwise" else 1)
     return {"params": params, "bits": float(cfg.w_bits), "bytes": params * container / 8 + groups * SCALE_BYTES}
 
 

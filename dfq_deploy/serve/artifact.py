@@ -15,7 +15,6 @@ engine (no TensorRT or GPU needed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from dfq_deploy.export.onnx import CLASS_NAMES_KEY, DATA_CONFIG_KEY
 from dfq_deploy.trt.plan import EnginePlan, engine_metadata_path
 from dfq_deploy.trt.planner import inspect_onnx
 from dfq_deploy.trt.profiles import BatchProfile
+from dfq_deploy.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,6 @@ class ServedModel:
     def exact_batch_sizes(self) -> tuple[int, ...]:
         """An engine's batch sizes with a profile of their own (``min == opt == max``), ascending."""
         return tuple(sorted({p[0] for p in self.profiles if p[0] == p[2]}))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tensor(value: onnx.ValueInfoProto) -> Tensor:

@@ -10,7 +10,6 @@ flags and calibrator on the implicit INT8 route only) -> serialised engine, writ
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from dfq_deploy.trt.formats import require_format
 from dfq_deploy.trt.plan import EnginePlan, engine_metadata_path, qdq_route_message
 from dfq_deploy.trt.planner import check_trt_version
 from dfq_deploy.trt.profiles import describe_profiles
-from dfq_deploy.utils import atomic_write_bytes, atomic_write_json
+from dfq_deploy.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +91,6 @@ def engine_metadata(plan: EnginePlan, trt_version: str, gpu: dict[str, Any], bui
         "dfq_deploy": dfq_deploy.__version__,
         "plan": plan.to_dict(),
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse(trt: Any, builder: Any, plan: EnginePlan, version: str, log: logging.Logger) -> tuple[Any, Any]:
@@ -265,7 +256,7 @@ def build_engine(plan: EnginePlan, log: logging.Logger | None = None) -> Path:
     atomic_write_bytes(out, memoryview(serialized).tobytes())
     if timing_cache is not None and plan.timing_cache:
         write_cache(plan.timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
-    meta = engine_metadata(plan, version, gpu_info(), build_s, _sha256(onnx_path))
+    meta = engine_metadata(plan, version, gpu_info(), build_s, sha256_file(onnx_path))
     atomic_write_json(engine_metadata_path(out), meta)
     log.info("wrote %s (%.2f MB) in %.1f s", out, out.stat().st_size / 1e6, build_s)
     return out

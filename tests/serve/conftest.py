@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dfq_deploy.export.onnx import CLASS_NAMES_KEY, DATA_CONFIG_KEY
-from dfq_deploy.serve.artifact import sha256_file
 from dfq_deploy.trt.build import engine_metadata
 from dfq_deploy.trt.plan import engine_metadata_path
 from dfq_deploy.trt.planner import plan_build
+from dfq_deploy.utils import sha256_file
 from tests.trt.graphs import make_model
 
 ORIN = {"name": "Orin", "compute_capability": "8.7"}
